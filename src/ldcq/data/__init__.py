@@ -1,0 +1,1 @@
+"""Minari I/O, dataset generation, windows, normalization and DataModules (no model code)."""

@@ -1,0 +1,119 @@
+"""Generated PointMaze datasets: reproducibility, Minari layout, rewards, controller, errors."""
+
+import itertools
+import math
+
+import minari
+import numpy as np
+import pytest
+
+from ldcq.data.pointmaze import (
+    GENERATED_NAMES,
+    SUCCESS_RADIUS,
+    dataset_id,
+    generate_dataset,
+    make_eval_env,
+    parse_name,
+)
+from ldcq.data.waypoints import WaypointController
+
+STEPS = 3100  # ten full 300-step umaze episodes and a 100-step remainder
+
+
+@pytest.fixture
+def datasets_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    return tmp_path
+
+
+def _stream(dataset_id_: str) -> dict[str, np.ndarray]:
+    episodes = list(minari.load_dataset(dataset_id_).iterate_episodes())
+    return {
+        "observations": np.concatenate([e.observations["observation"] for e in episodes]),
+        "actions": np.concatenate([e.actions for e in episodes]),
+        "rewards": np.concatenate([e.rewards for e in episodes]),
+    }
+
+
+def test_same_seed_same_data_other_seed_other_data(datasets_dir):
+    first = _stream(generate_dataset("pointmaze-umaze", STEPS, seed=3, ref_episodes=3))
+    again = _stream(
+        generate_dataset("pointmaze-umaze", STEPS, seed=3, ref_episodes=3, overwrite=True)
+    )
+    other = _stream(
+        generate_dataset("pointmaze-umaze", STEPS, seed=4, ref_episodes=3, overwrite=True)
+    )
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    assert not np.array_equal(first["observations"], other["observations"])
+    assert not np.array_equal(first["actions"], other["actions"])
+
+
+@pytest.mark.parametrize("name", ["pointmaze-umaze", "pointmaze-umaze-dense"])
+def test_stored_layout_and_relabeled_rewards(datasets_dir, name):
+    dataset = minari.load_dataset(generate_dataset(name, STEPS, ref_episodes=3, progress=False))
+    spec, dense = parse_name(name)
+    episodes = list(dataset.iterate_episodes())
+
+    assert len(episodes) == math.ceil(STEPS / spec.horizon)
+    assert [len(e.actions) for e in episodes] == [300] * 10 + [100]
+    for episode in episodes:
+        n = len(episode.actions)
+        assert episode.observations["observation"].shape == (n + 1, 4)
+        assert episode.observations["desired_goal"].shape == (n + 1, 2)
+        assert episode.infos["goal"].shape == (n + 1, 2)
+        assert episode.infos["success"].shape == (n + 1,)
+        assert not episode.terminations.any()
+        assert episode.truncations[-1] and not episode.truncations[:-1].any()
+        distance = np.linalg.norm(episode.observations["achieved_goal"][1:] - spec.goal_xy, axis=1)
+        expected = np.exp(-distance) if dense else (distance <= SUCCESS_RADIUS).astype(float)
+        np.testing.assert_allclose(episode.rewards, expected)
+    for previous, following in itertools.pairwise(episodes):
+        np.testing.assert_array_equal(
+            previous.observations["observation"][-1], following.observations["observation"][0]
+        )
+    metadata = dataset.storage.metadata
+    assert metadata["ref_min_score"] < metadata["ref_max_score"]
+    # The stream reaches the fixed goal at least once, or the sparse check above proves little.
+    assert sum(e.rewards.sum() for e in episodes) > 0
+
+
+def test_noise_free_controller_reaches_the_eval_goal():
+    spec, _ = parse_name("pointmaze-umaze")
+    env = make_eval_env("pointmaze-umaze")
+    reached = []
+    for seed in range(20):
+        controller = WaypointController(spec, np.random.default_rng(seed))
+        obs, info = env.reset(seed=seed)
+        # The eval goal is the goal cell's centre up to the env's U(-0.25, 0.25) goal noise.
+        assert np.abs(obs["desired_goal"] - spec.goal_xy).max() <= 0.25
+        success = info["success"]
+        truncated = False
+        while not truncated:
+            action = controller.act(obs["observation"], obs["desired_goal"])
+            obs, _, _, truncated, info = env.step(action)
+            success = success or info["success"]
+        reached.append(success)
+    env.close()
+    assert np.mean(reached) >= 0.95
+
+
+def test_names_and_ids():
+    assert dataset_id("pointmaze-umaze") == "ldcq/pointmaze/umaze-v0"
+    assert dataset_id("pointmaze-large-dense") == "ldcq/pointmaze/large-dense-v0"
+    assert parse_name("pointmaze-medium-dense")[1]
+    assert not parse_name("pointmaze-medium")[1]
+    assert len(GENERATED_NAMES) == 6
+
+
+@pytest.mark.parametrize("call", [dataset_id, parse_name, make_eval_env, generate_dataset])
+def test_unknown_name_lists_valid_names(call):
+    with pytest.raises(ValueError, match="pointmaze-large-dense") as error:
+        call("pointmaze-huge")
+    assert "pointmaze-huge" in str(error.value)
+
+
+def test_existing_dataset_needs_overwrite(datasets_dir):
+    generate_dataset("pointmaze-umaze", 300, ref_episodes=1, progress=False)
+    with pytest.raises(FileExistsError, match=r"ldcq/pointmaze/umaze-v0.*overwrite"):
+        generate_dataset("pointmaze-umaze", 300, ref_episodes=1, progress=False)

@@ -1,0 +1,254 @@
+"""The only code that writes or reads a stage's frozen output.
+
+An artifact is a folder ``<root>/<pipeline>/<stage>-<fingerprint>/`` holding ``weights.pt``
+(state_dicts only), ``spec.json`` (class and constructor arguments of the stage module, dims,
+dataset identity, seed, versions, git sha, config hash, upstream fingerprints), ``config.yaml``,
+``metrics.json`` and ``DONE``. The folder is written under a temporary name, renamed into place in
+one step, and ``DONE`` is written last: a folder without ``DONE`` is never taken as finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import errno
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldcq.errors import LdcqError
+
+DONE = "DONE"
+
+
+class ArtifactError(LdcqError):
+    """An artifact folder that is missing, unfinished, corrupted or incompatible."""
+
+
+def fingerprint(payload: Mapping[str, Any]) -> str:
+    """12 hex digits of the SHA-256 of a JSON-serializable mapping (key order does not matter)."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def library_versions() -> dict[str, str]:
+    import lightning
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
+
+
+def class_path(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import_class(path: str) -> type:
+    # Only our own classes may be rebuilt from a spec: a spec is data, not a licence to import.
+    if not path.startswith("ldcq."):
+        raise ArtifactError(f"spec.json names class {path!r}, which is not an ldcq class")
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ArtifactError(
+            f"spec.json names class {path!r}, which this version of ldcq does not have; "
+            f"retrain the stage with this version"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact folder and its spec."""
+
+    path: Path
+    spec: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec["fingerprint"]
+
+    @property
+    def stage(self) -> str:
+        return self.spec["stage"]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return json.loads((self.path / "metrics.json").read_text())
+
+
+def is_done(path: str | Path) -> bool:
+    return (Path(path) / DONE).is_file()
+
+
+def write_artifact(
+    path: str | Path,
+    *,
+    stage: str,
+    modules: Mapping[str, tuple[nn.Module, Mapping[str, Any]]],
+    spec: Mapping[str, Any],
+    config_yaml: str,
+    metrics: Mapping[str, float],
+    extra_files: Mapping[str, Path] | None = None,
+) -> Artifact:
+    """Write a finished artifact atomically.
+
+    Args:
+        path: the final folder; it must not exist yet as a finished artifact.
+        modules: name -> (module, constructor kwargs); ``weights.pt`` holds their state_dicts.
+        spec: dims, dataset identity, seed, fingerprint, upstream fingerprints, config hash.
+        extra_files: name -> file to move into the folder (e.g. a memory-mapped bank).
+
+    Raises:
+        ArtifactError: the disk is full or not writable; nothing half-written is left behind.
+    """
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    full_spec = {
+        **spec,
+        "stage": stage,
+        "modules": {
+            name: {"class": class_path(module), "kwargs": dict(kwargs)}
+            for name, (module, kwargs) in modules.items()
+        },
+        "versions": library_versions(),
+        "git_sha": git_sha(),
+    }
+    if is_done(final):
+        raise ArtifactError(
+            f"artifact {final} already exists and is finished; it is never overwritten"
+        )
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        state = {name: module.state_dict() for name, (module, _) in modules.items()}
+        torch.save(state, tmp / "weights.pt")
+        (tmp / "spec.json").write_text(json.dumps(full_spec, indent=2, sort_keys=True, default=str))
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "metrics.json").write_text(json.dumps(dict(metrics), indent=2, sort_keys=True))
+        for name, src in (extra_files or {}).items():
+            shutil.move(str(src), tmp / name)
+        if final.exists():
+            # an unfinished folder from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with open(final / DONE, "w") as f:
+            f.write(full_spec.get("fingerprint", "") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+        raise ArtifactError(
+            f"could not write artifact {final}: {reason}. Free space (or choose another "
+            f"checkpoints folder) and rerun the same command: finished stages are kept"
+        ) from exc
+    return Artifact(final, full_spec)
+
+
+def read_artifact(path: str | Path, stage: str | None = None) -> Artifact:
+    """Open a finished artifact folder, checking that it is one (and of ``stage``, if given)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ArtifactError(f"artifact folder {folder} does not exist; train that stage first")
+    if not is_done(folder):
+        raise ArtifactError(
+            f"artifact folder {folder} is unfinished (no DONE file): its stage was interrupted; "
+            f"rerun the pipeline to finish it"
+        )
+    try:
+        spec = json.loads((folder / "spec.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(
+            f"{folder / 'spec.json'} is unreadable ({exc}); retrain the stage"
+        ) from exc
+    if stage is not None and spec.get("stage") != stage:
+        raise ArtifactError(
+            f"{folder} is a {spec.get('stage')!r} artifact, but a {stage!r} artifact is "
+            f"needed here; pass the {stage} stage's folder"
+        )
+    return Artifact(folder, spec)
+
+
+def load_modules(artifact: Artifact) -> dict[str, nn.Module]:
+    """Rebuild every module of an artifact from its spec and load its weights, frozen.
+
+    ``weights.pt`` is loaded with ``weights_only=True``: a file that pickles code is refused.
+    """
+    weights_path = artifact.path / "weights.pt"
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(
+            f"{weights_path} cannot be loaded as plain weights ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); it is truncated, corrupted or "
+            f"pickles code. Delete {artifact.path} and rerun the pipeline to retrain the stage"
+        ) from exc
+    modules = {}
+    for name, entry in artifact.spec["modules"].items():
+        # An empty context: LightningCLI hands hyperparameters to save_hyperparameters() through
+        # a context variable, which would otherwise leak into a module built while it instantiates.
+        module = contextvars.Context().run(_import_class(entry["class"]), **entry["kwargs"])
+        if name not in state:
+            raise ArtifactError(f"{weights_path} has no weights for {name!r}; retrain the stage")
+        try:
+            module.load_state_dict(state[name])
+        except RuntimeError as exc:
+            raise ArtifactError(
+                f"{weights_path} does not match the {name!r} module described in spec.json "
+                f"({str(exc).splitlines()[0]}); retrain the stage"
+            ) from exc
+        modules[name] = module.eval().requires_grad_(False)
+    return modules
+
+
+def check_dims(artifact: Artifact, expected: Mapping[str, Any], consumer: str) -> None:
+    """Fail with one message when an upstream artifact's dims or dataset differ from ours."""
+    dims = artifact.spec.get("dims", {})
+    got = {**dims, "dataset": artifact.spec.get("dataset", {}).get("id")}
+    wrong = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+    if wrong:
+        detail = ", ".join(
+            f"{k}: artifact {a!r} vs {consumer} {b!r}" for k, (a, b) in wrong.items()
+        )
+        raise ArtifactError(
+            f"artifact {artifact.path} does not fit {consumer} ({detail}); use an artifact "
+            f"trained on the same dataset and dims"
+        )
+
+
+def remove_unfinished(path: str | Path) -> None:
+    """Delete a folder left by an interrupted write (never a finished artifact)."""
+    folder = Path(path)
+    if folder.exists() and not is_done(folder):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(folder)

@@ -1,0 +1,1 @@
+"""The three LightningModules; training logic lives only here."""

@@ -1,0 +1,32 @@
+"""Small pieces shared by the three stages."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from ldcq.data.normalizer import Normalizer
+from ldcq.errors import ConfigError
+
+
+def check_positive(section: str, allow_zero: bool = False, **values: float) -> None:
+    """Raise one :class:`ConfigError` naming every key whose value is out of range."""
+    bad = {k: v for k, v in values.items() if not (v >= 0 if allow_zero else v > 0)}
+    if bad:
+        need = ">= 0" if allow_zero else "> 0"
+        listed = ", ".join(f"{section}.{k}={v!r}" for k, v in bad.items())
+        raise ConfigError(f"{listed}: must be {need}")
+
+
+def fit_normalizer_from_datamodule(module: L.LightningModule, normalizer: Normalizer, name: str):
+    """Copy statistics the DataModule computed on its training split into ``normalizer``.
+
+    The statistics are a pure function of the data and the split, so doing this again on a
+    resumed run reproduces the checkpointed buffers exactly.
+    """
+    datamodule = getattr(module.trainer, "datamodule", None)
+    source = getattr(datamodule, name, None)
+    if source is None:
+        raise ConfigError(
+            f"{type(module).__name__} needs a DataModule that provides {name!r} statistics"
+        )
+    normalizer.load_state_dict(source.state_dict())

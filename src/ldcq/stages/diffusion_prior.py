@@ -1,0 +1,140 @@
+"""Stage 2: the latent diffusion prior p(z | s) (reference §1.4, decisions 4 and 5)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from ldcq.data.normalizer import Normalizer
+from ldcq.errors import ConfigError
+from ldcq.models import SAMPLERS, FiLMDenoiser, NoiseSchedule, sample_prior, x0_loss
+from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule
+
+
+class LatentDiffusionPrior(L.LightningModule):
+    """x0-predicting DDPM over normalized latents, conditioned on the normalized state.
+
+    Batches: ``states (B, S)`` raw, ``latents (B, Z)`` raw (the VAE's posterior means).
+    The EMA copy of the denoiser is what validation, sampling and the artifact use.
+
+    Args:
+        state_dim, latent_dim: S and Z, linked from the data (the VAE's spec).
+        hidden_dims, time_embed_dim, state_embed_dim: the FiLM residual MLP's widths.
+        num_steps: T. schedule: ``linear`` (official, β 1e-4→0.02) or ``cosine``.
+        snr_gamma: γ of the Min-SNR-γ weighting.
+        lr, weight_decay: Adam settings. ema_decay: per-step EMA decay of the denoiser weights.
+        sampler: ``ddim`` (few-step) or ``ddpm`` (the reference ancestral sampler).
+        sampling_steps: DDIM steps. extra_steps: extra denoising steps at t = 1.
+    """
+
+    def __init__(
+        self,
+        state_dim: int = 0,
+        latent_dim: int = 0,
+        hidden_dims: list[int] | None = None,
+        time_embed_dim: int = 256,
+        state_embed_dim: int = 256,
+        num_steps: int = 100,
+        schedule: Literal["linear", "cosine"] = "linear",
+        snr_gamma: float = 5.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        ema_decay: float = 0.999,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sampling_steps: int = 10,
+        extra_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        hidden_dims = list(hidden_dims or [128, 32, 16, 8])
+        check_positive(
+            "model",
+            state_dim=state_dim,
+            latent_dim=latent_dim,
+            num_steps=num_steps,
+            snr_gamma=snr_gamma,
+            lr=lr,
+            sampling_steps=sampling_steps,
+        )
+        check_positive("model", allow_zero=True, weight_decay=weight_decay, extra_steps=extra_steps)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"model.ema_decay={ema_decay!r}: must be in [0, 1)")
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"model.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
+        self.save_hyperparameters()
+        self.hparams.hidden_dims = hidden_dims
+        self.denoiser = FiLMDenoiser(
+            latent_dim, state_dim, hidden_dims, time_embed_dim, state_embed_dim
+        )
+        self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
+        self.schedule = NoiseSchedule(num_steps, schedule)
+        self.state_normalizer = Normalizer(state_dim)
+        self.latent_normalizer = Normalizer(latent_dim)
+        self.val_loss = MeanMetric()
+
+    def on_fit_start(self) -> None:
+        fit_normalizer_from_datamodule(self, self.state_normalizer, "state_normalizer")
+        fit_normalizer_from_datamodule(self, self.latent_normalizer, "latent_normalizer")
+
+    def loss(self, denoiser: nn.Module, states: Tensor, latents: Tensor) -> Tensor:
+        return x0_loss(
+            denoiser,
+            self.latent_normalizer(latents),
+            self.state_normalizer(states),
+            self.schedule,
+            gamma=self.hparams.snr_gamma,
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(self.denoiser, batch["states"], batch["latents"])
+        self.log("train/loss", loss)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        decay = self.hparams.ema_decay
+        # Warm-up: early on the EMA follows the weights closely instead of averaging random init.
+        decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
+        for ema, p in zip(self.ema_denoiser.parameters(), self.denoiser.parameters(), strict=True):
+            ema.lerp_(p.detach(), 1.0 - decay)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self.loss(self.ema_denoiser, batch["states"], batch["latents"])
+        self.val_loss.update(loss, weight=len(batch["states"]))
+        self.log("val/loss", self.val_loss, prog_bar=True)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        states: Tensor,
+        num_samples: int,
+        sampler: str | None = None,
+        sampling_steps: int | None = None,
+        extra_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """K = ``num_samples`` latents per raw state with the EMA denoiser: (N, S) -> (N, K, Z) raw.
+
+        Sampler settings default to the configured ones.
+        """
+        hp = self.hparams
+        z = sample_prior(
+            self.ema_denoiser,
+            self.schedule,
+            self.state_normalizer(states),
+            num_samples,
+            sampler=sampler or hp.sampler,
+            num_inference_steps=sampling_steps or hp.sampling_steps,
+            extra_steps=hp.extra_steps if extra_steps is None else extra_steps,
+            generator=generator,
+        )
+        return self.latent_normalizer.unnormalize(z)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(
+            self.denoiser.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )

@@ -1,0 +1,160 @@
+"""DataModules whose batches come from a frozen upstream stage (the VAE's latents).
+
+They read upstream artifacts through :mod:`ldcq.artifacts` only; the frozen modules are rebuilt
+from ``spec.json`` and never trained.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ldcq.artifacts import Artifact, check_dims, load_modules, read_artifact
+from ldcq.data.datamodules import collate_batch, load_episodes
+from ldcq.data.minari_io import EpisodeArrays, canonical_id
+from ldcq.data.normalizer import Normalizer
+from ldcq.data.windows import Windows, make_windows, split_episodes
+from ldcq.errors import ConfigError
+
+
+class TensorRows(Dataset):
+    """Rows of equally long tensors; ``__getitems__`` gathers a whole batch in one op per tensor."""
+
+    def __init__(self, **tensors: Tensor) -> None:
+        lengths = {len(t) for t in tensors.values()}
+        assert len(lengths) == 1, lengths
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitems__(self, indices) -> dict[str, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {k: v[index] for k, v in self.tensors.items()}
+
+
+def load_vae(path: str | Path, dataset_id: str):
+    """The frozen SkillVAE of an artifact, checked against the dataset it will encode."""
+    artifact = read_artifact(path, stage="skill_vae")
+    check_dims(artifact, {"dataset": dataset_id}, "this stage's data.dataset")
+    return artifact, load_modules(artifact)["skill_vae"]
+
+
+@torch.no_grad()
+def encode_windows(
+    vae, episodes: EpisodeArrays, windows: Windows, batch_size: int = 4096
+) -> Tensor:
+    """Posterior means ``(W, Z)`` of every window, encoded by the frozen VAE in batches."""
+    obs = torch.from_numpy(episodes.observations)
+    act = torch.from_numpy(episodes.actions)
+    h = windows.horizon
+    steps = torch.arange(h)
+    out = []
+    for i in range(0, len(windows), batch_size):
+        s0 = torch.from_numpy(windows.state_starts[i : i + batch_size])[:, None] + steps
+        a0 = torch.from_numpy(windows.action_starts[i : i + batch_size])[:, None] + steps
+        out.append(vae.encode(obs[s0], act[a0])[0])
+    return torch.cat(out)
+
+
+def cached_latents(
+    vae_artifact: Artifact, vae, episodes: EpisodeArrays, windows: Windows, key: str
+) -> Tensor:
+    """:func:`encode_windows`, cached on disk beside the VAE artifact, keyed by its fingerprint."""
+    cache_dir = vae_artifact.path.parent / "cache"
+    path = cache_dir / f"latents-{vae_artifact.fingerprint}-{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)["latents"]
+        except Exception:
+            path.unlink(missing_ok=True)
+    latents = encode_windows(vae, episodes, windows)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    torch.save({"latents": latents}, tmp)
+    os.replace(tmp, path)
+    return latents
+
+
+class LatentPairsDataModule(L.LightningDataModule):
+    """``(s_t, z_t)`` pairs for the diffusion prior: batches of ``states (B, S)`` raw and
+    ``latents (B, Z)``, the frozen VAE's posterior means, split by episode like stage 1.
+
+    Args:
+        dataset: the dataset the VAE was trained on.
+        vae_artifact: the ``skill_vae`` artifact folder.
+        stride: step between window starts (the VAE's horizon is read from its spec).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "pointmaze-umaze",
+        vae_artifact: str = "",
+        stride: int = 1,
+        batch_size: int = 256,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        obs_keys: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not vae_artifact:
+            raise ConfigError("data.vae_artifact is required: the skill_vae artifact folder")
+        if batch_size < 1 or stride < 1:
+            raise ConfigError(
+                f"data.batch_size ({batch_size}) and data.stride ({stride}) must be >= 1"
+            )
+        self.save_hyperparameters()
+        self.obs_keys = tuple(obs_keys or ["observation"])
+        self.vae_spec, self.vae = load_vae(vae_artifact, canonical_id(dataset))
+        self.train_set = self.val_set = None
+        self.state_normalizer: Normalizer | None = None
+        self.latent_normalizer: Normalizer | None = None
+
+    @property
+    def state_dim(self) -> int:
+        return self.vae_spec.spec["dims"]["S"]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.vae_spec.spec["dims"]["Z"]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        episodes = load_episodes(hp.dataset, self.obs_keys)
+        windows = make_windows(episodes, self.vae.hparams.horizon, hp.stride)
+        latents = cached_latents(self.vae_spec, self.vae, episodes, windows, f"stride{hp.stride}")
+        states = torch.from_numpy(episodes.observations[windows.state_starts])
+        _, val_eps = split_episodes(episodes.num_episodes, hp.val_fraction, hp.seed)
+        in_val = np.isin(windows.episode, val_eps)
+        tr, va = torch.from_numpy(~in_val), torch.from_numpy(in_val)
+        self.train_set = TensorRows(states=states[tr], latents=latents[tr])
+        if va.any():
+            self.val_set = TensorRows(states=states[va], latents=latents[va])
+        self.state_normalizer = Normalizer(self.state_dim).fit(states[tr])
+        self.latent_normalizer = Normalizer(self.latent_dim).fit(latents[tr])
+
+    def _loader(self, data, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(data) >= self.hparams.batch_size,
+            collate_fn=collate_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False) if self.val_set is not None else []

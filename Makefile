@@ -10,7 +10,7 @@ DATASET ?= pointmaze-umaze
 MLFLOW_PORT ?= 5000
 export MUJOCO_GL ?= egl
 
-.PHONY: help install test lint format data mlflow-ui clean
+.PHONY: help install test lint format data train mlflow-ui clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -39,6 +39,9 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 data: $(STAMP) ## generate the default dataset (DATASET=pointmaze-umaze; skips one that exists)
 	$(BIN)/ldcq data show $(DATASET) 2>/dev/null || $(BIN)/ldcq data generate $(DATASET)
+
+train: data ## the main job on pointmaze-umaze (ARGS="skill_vae.model.beta=0.1 …" overrides)
+	$(BIN)/ldcq pipeline run pipelines/pointmaze-umaze.yaml $(ARGS)
 
 mlflow-ui: $(STAMP) ## browse experiments at http://127.0.0.1:5000 (MLFLOW_PORT=…)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)

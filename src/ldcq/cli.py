@@ -29,8 +29,177 @@ def _data_show(args: argparse.Namespace) -> None:
     )
 
 
+def _pipeline_run(args: argparse.Namespace) -> None:
+    from ldcq.pipeline import compose, global_rank, run_pipeline
+
+    cfg = compose(args.pipeline, args.overrides, scale=args.scale, trainer=args.trainer)
+    stages = args.stages.split(",") if args.stages else None
+    results = run_pipeline(cfg, stages=stages, track=not args.no_tracking)
+    if global_rank() == 0:
+        _print_summary(cfg, results)
+
+
+def _print_summary(cfg, results) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.name} ({cfg.scale} scale, seed {cfg.seed})")
+    for col in ("stage", "status", "seconds", "artifact"):
+        table.add_column(col)
+    for r in results.values():
+        status = "skipped (finished earlier)" if r.skipped else "trained"
+        table.add_row(r.stage, status, f"{r.seconds:.1f}", str(r.artifact.path))
+    Console().print(table)
+
+
+def _pipeline_config(args: argparse.Namespace) -> None:
+    from omegaconf import OmegaConf
+
+    from ldcq.pipeline import compose
+
+    cfg = compose(args.pipeline, args.overrides, scale=args.scale, trainer=args.trainer)
+    print(OmegaConf.to_yaml(cfg[args.stage] if args.stage else cfg).rstrip())
+
+
+STAGE_COMMANDS = {
+    "vae": (
+        "skill_vae",
+        "ldcq.stages.skill_vae:SkillVAE",
+        "ldcq.data.datamodules:TrajectorySnippetDataModule",
+        ("state_dim", "action_dim"),
+    ),
+    "prior": (
+        "diffusion_prior",
+        "ldcq.stages.diffusion_prior:LatentDiffusionPrior",
+        "ldcq.stages.latent_data:LatentPairsDataModule",
+        ("state_dim", "latent_dim"),
+    ),
+    "bcq": (
+        "latent_bcq",
+        "ldcq.stages.latent_bcq:LatentBCQ",
+        "ldcq.stages.latent_bcq:LatentTransitionDataModule",
+        ("state_dim", "latent_dim", "horizon"),
+    ),
+}
+
+
+def _load(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_stage_cli(command: str, argv: list[str]) -> None:
+    """One stage alone through LightningCLI: ``ldcq vae fit --config f.yaml --model.beta=0.1``.
+
+    Dims come from the data (linked on instantiation); ``--artifact_dir DIR`` exports the trained
+    stage as a frozen artifact that the next stage's ``--data.vae_artifact`` accepts.
+    """
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from ldcq.tracking import resolve_uri
+
+    stage, model_path, data_path, linked = STAGE_COMMANDS[command]
+
+    class ConfigToRun(SaveConfigCallback):
+        # The stock callback asserts on an MLflow logger with an sqlite store; log the resolved
+        # config as a run artifact instead.
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if not self.already_saved and trainer.is_global_zero:
+                self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+
+        def save_config(self, trainer, pl_module, stage: str) -> None:
+            import tempfile
+            from pathlib import Path
+
+            logger = trainer.logger
+            if logger is None or not hasattr(logger, "experiment"):
+                return
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "config.yaml"
+                self.parser.save(self.config, path, format="yaml", skip_check=True)
+                logger.experiment.log_artifact(logger.run_id, str(path))
+
+    class StageCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            for name in linked:
+                parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+            if stage == "skill_vae":
+                parser.link_arguments("data.horizon", "model.horizon")
+            parser.add_argument(
+                "--artifact_dir", default=None, help="export the trained stage to this folder"
+            )
+
+        def after_fit(self) -> None:
+            target = self.config[self.subcommand].get("artifact_dir")
+            if target and self.trainer.is_global_zero:
+                _export_from_cli(stage, self, target)
+
+    # LightningCLI reads sys.argv; its program name shows in --help and in errors.
+    sys.argv = [f"ldcq {command}", *argv]
+    StageCLI(
+        _load(model_path),
+        _load(data_path),
+        save_config_callback=ConfigToRun,
+        seed_everything_default=0,
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                "init_args": {
+                    "experiment_name": f"ldcq-{stage}",
+                    "tracking_uri": resolve_uri(None),
+                },
+            }
+        },
+    )
+
+
+def _export_from_cli(stage: str, cli, target: str) -> None:
+    from pathlib import Path
+
+    from ldcq.artifacts import fingerprint
+    from ldcq.data.datamodules import load_episodes
+    from ldcq.pipeline import dataset_identity, export_artifact
+
+    model, dm = cli.model, cli.datamodule
+    episodes = load_episodes(dm.hparams.dataset, dm.obs_keys)
+    if stage == "skill_vae":
+        hp = model.hparams
+        dims = {"S": hp.state_dim, "A": hp.action_dim, "Z": hp.latent_dim, "H": hp.horizon}
+        upstream = {}
+    else:
+        dims = dict(dm.vae_spec.spec["dims"])
+        upstream = {"skill_vae": dm.vae_spec.fingerprint}
+    config = {k: v for k, v in cli.config[cli.subcommand].items() if k in ("model", "data")}
+    fp = fingerprint({"stage": stage, "config": str(config), "upstream": upstream})
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+    artifact = export_artifact(
+        Path(target),
+        stage,
+        model,
+        metrics,
+        cli.parser.dump(cli.config, skip_check=True),
+        {
+            "fingerprint": fp,
+            "dims": dims,
+            "dataset": dataset_identity(episodes),
+            "seed": cli.config[cli.subcommand].get("seed_everything"),
+            "upstream": upstream,
+            "config_hash": fp,
+            "global_step": cli.trainer.global_step,
+        },
+    )
+    print(f"exported {stage} artifact to {artifact.path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldcq", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ldcq",
+        description=__doc__,
+        epilog="Stages alone (LightningCLI): ldcq vae|prior|bcq fit --help",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="generate and inspect Minari datasets")
@@ -46,12 +215,48 @@ def build_parser() -> argparse.ArgumentParser:
     show = data_commands.add_parser("show", help="summarize a dataset as ldcq reads it")
     show.add_argument("dataset_id", help="a Minari id or a generated name")
     show.set_defaults(func=_data_show)
+
+    pipe = commands.add_parser("pipeline", help="run a pipeline of stages (pipelines/*.yaml)")
+    pipe_commands = pipe.add_subparsers(dest="pipeline_command", required=True)
+    for name, func, help_text in (
+        ("run", _pipeline_run, "train (or skip, or resume) every stage in order"),
+        ("config", _pipeline_config, "print the composed, resolved config"),
+    ):
+        cmd = pipe_commands.add_parser(name, help=help_text)
+        cmd.add_argument("pipeline", help="e.g. pipelines/pointmaze-umaze.yaml")
+        cmd.add_argument(
+            "overrides",
+            nargs="*",
+            help="dotted overrides, e.g. skill_vae.model.beta=0.1 latent_bank.num_samples=32",
+        )
+        cmd.add_argument("--scale", default=None, help="quick | cpu | paper (configs/scale/)")
+        cmd.add_argument("--trainer", default=None, help="cpu | gpu | ddp (configs/trainer/)")
+        cmd.set_defaults(func=func)
+        if name == "run":
+            cmd.add_argument(
+                "--stages", default=None, help="comma-separated subset, e.g. skill_vae"
+            )
+            cmd.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        else:
+            cmd.add_argument("--stage", default=None, help="print only this stage's section")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in STAGE_COMMANDS:
+            run_stage_cli(argv[0], argv[1:])
+            return 0
+        parser = build_parser()
+        # Overrides may come after options (``--trainer ddp a.b=1``), which argparse's
+        # positional handling leaves unparsed: collect them here.
+        args, rest = parser.parse_known_args(argv)
+        stray = [r for r in rest if r.startswith("-") or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if rest:
+            args.overrides = [*args.overrides, *rest]
         args.func(args)
     except LdcqError as exc:
         print(f"ldcq: error: {exc}", file=sys.stderr)

@@ -1,0 +1,460 @@
+"""Orchestration only: compose the config, order the stages, fingerprint, skip or resume, track.
+
+A pipeline file (``pipelines/<task>.yaml``) names the config fragments it includes and the
+scale; command-line overrides use OmegaConf's dotted syntax (``skill_vae.model.beta=0.1``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ldcq.artifacts import Artifact, fingerprint, is_done, read_artifact, write_artifact
+from ldcq.errors import ConfigError
+from ldcq.tracking import Tracker, flatten
+
+STAGES = ("skill_vae", "diffusion_prior", "latent_bank", "latent_bcq")
+# Trainer keys that decide where and how fast a stage runs, not what it learns.
+_RUN_ONLY_KEYS = {"accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar"}
+
+
+def project_root(pipeline_path: Path) -> Path:
+    """The folder holding ``configs/``: the pipeline file's parent's parent, else the cwd."""
+    for candidate in (pipeline_path.resolve().parent.parent, Path.cwd()):
+        if (candidate / "configs").is_dir():
+            return candidate
+    raise ConfigError(f"no configs/ folder found beside {pipeline_path} or in {Path.cwd()}")
+
+
+def _closest(key: str, cfg: DictConfig) -> str:
+    keys = list(flatten(OmegaConf.to_container(cfg, resolve=False)))
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _preset(root: Path, kind: str, name: str) -> DictConfig:
+    path = root / "configs" / kind / f"{name}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in (root / "configs" / kind).glob("*.yaml"))
+        raise ConfigError(f"{kind} {name!r} does not exist; valid values are {valid}")
+    return OmegaConf.load(path)
+
+
+def compose(
+    pipeline: str | Path,
+    overrides: Sequence[str] = (),
+    scale: str | None = None,
+    trainer: str | None = None,
+) -> DictConfig:
+    """Merge, in order: the included fragments, ``configs/scale/<scale>.yaml``, the pipeline
+    file's own keys, ``configs/trainer/<trainer>.yaml``, then ``overrides`` (``a.b.c=value``).
+    Unknown keys are refused with the closest valid key."""
+    path = Path(pipeline)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path} does not exist; see pipelines/ for the tasks")
+    root = project_root(path)
+    try:
+        body = OmegaConf.load(path)
+        includes = [OmegaConf.load(root / inc) for inc in body.pop("include", [])]
+    except (OSError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot read pipeline {path}: {exc}") from exc
+    scale = scale or body.get("scale", "quick")
+    parts = [*includes, _preset(root, "scale", scale), body]
+    if trainer:
+        parts.append(_preset(root, "trainer", trainer))
+    cfg = OmegaConf.merge(*parts)
+    cfg.scale = scale
+    OmegaConf.set_struct(cfg, True)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. skill_vae.model.beta=0.1)")
+        key = item.split("=", 1)[0].lstrip("+")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except ConfigKeyError as exc:
+            raise ConfigError(f"unknown config key {key!r}{_closest(key, cfg)}") from exc
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r} is not valid: {exc}") from exc
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the config of {path} does not resolve: {exc}") from exc
+    return cfg
+
+
+def dataset_identity(episodes) -> dict[str, Any]:
+    """Id plus a cheap content hash, so a regenerated dataset invalidates every stage."""
+    h = hashlib.sha256()
+    for arr in (episodes.observations, episodes.actions, episodes.rewards, episodes.episode_starts):
+        h.update(np.ascontiguousarray(arr[:: max(1, len(arr) // 4096)]).tobytes())
+        h.update(str(arr.shape).encode())
+    return {
+        "id": episodes.dataset_id,
+        "steps": len(episodes.actions),
+        "episodes": int(episodes.num_episodes),
+        "content": h.hexdigest()[:16],
+        "ref_min_score": episodes.ref_min_score,
+        "ref_max_score": episodes.ref_max_score,
+    }
+
+
+@dataclass
+class StageResult:
+    stage: str
+    artifact: Artifact
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class Context:
+    cfg: DictConfig
+    root: Path
+    tracker: Tracker | None
+    parent_run: str | None
+    dataset: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, StageResult] = field(default_factory=dict)
+
+    def stage_cfg(self, stage: str) -> dict[str, Any]:
+        return OmegaConf.to_container(self.cfg[stage], resolve=True)
+
+    def trainer_kwargs(self, stage: str) -> dict[str, Any]:
+        return {
+            **OmegaConf.to_container(self.cfg.trainer),
+            **self.stage_cfg(stage).get("trainer", {}),
+        }
+
+    def fingerprint(self, stage: str, upstream: Sequence[str]) -> str:
+        cfg = self.stage_cfg(stage)
+        trainer = {k: v for k, v in self.trainer_kwargs(stage).items() if k not in _RUN_ONLY_KEYS}
+        payload = {
+            "stage": stage,
+            "config": {**cfg, "trainer": trainer},
+            "seed": self.cfg.seed,
+            "dataset": self.dataset,
+            "upstream": list(upstream),
+        }
+        return fingerprint(payload)
+
+
+def global_rank() -> int:
+    """This process's rank, known before any Trainer starts (from the launcher's env vars)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0)
+
+
+def _log(msg: str) -> None:
+    from rich.console import Console
+
+    if global_rank() == 0:
+        Console(stderr=True).print(f"[bold cyan]ldcq[/] {msg}")
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def _fit_stage(
+    ctx: Context,
+    stage: str,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    fp: str,
+    upstream: dict[str, str],
+    dims: dict[str, int],
+) -> tuple[Artifact, bool]:
+    """Train one stage (resuming from ``last.ckpt``) and write its artifact; skip it if done."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    final = ctx.root / f"{stage}-{fp}"
+    if is_done(final):
+        return read_artifact(final, stage), True
+    work = ctx.root / ".work" / f"{stage}-{fp}"
+    last = work / "last.ckpt"
+    kwargs = ctx.trainer_kwargs(stage)
+    every = kwargs.pop("checkpoint_every_n_steps", 500)
+    run_id = None
+    if ctx.tracker is not None:
+        run_id = ctx.tracker.start_run(
+            stage, {"stage": stage, "fingerprint": fp, "dataset": ctx.dataset["id"]}, ctx.parent_run
+        )
+        ctx.tracker.log_params(run_id, ctx.stage_cfg(stage))
+    trainer = L.Trainer(
+        **kwargs,
+        default_root_dir=work,
+        logger=ctx.tracker.logger(run_id) if ctx.tracker is not None else False,
+        callbacks=[ModelCheckpoint(dirpath=work, save_last=True, every_n_train_steps=every)],
+        enable_model_summary=False,
+    )
+    resumed_from = None
+    if last.exists():
+        resumed_from = _checkpoint_step(last)
+        _log(f"{stage}: resuming from {last} (step {resumed_from})")
+    L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    metrics = _metrics(trainer)
+    if trainer.is_global_zero:
+        artifact = export_artifact(
+            final,
+            stage,
+            model,
+            metrics,
+            OmegaConf.to_yaml(ctx.cfg[stage]),
+            {
+                "fingerprint": fp,
+                "dims": dims,
+                "dataset": ctx.dataset,
+                "seed": ctx.cfg.seed,
+                "upstream": upstream,
+                "config_hash": fingerprint(ctx.stage_cfg(stage)),
+                "pipeline": ctx.cfg.name,
+                "resumed_from_step": resumed_from,
+                "global_step": trainer.global_step,
+            },
+        )
+        if ctx.tracker is not None:
+            for name in ("spec.json", "config.yaml", "metrics.json"):
+                ctx.tracker.log_artifact(run_id, artifact.path / name)
+            ctx.tracker.end_run(run_id)
+        shutil.rmtree(work, ignore_errors=True)
+    trainer.strategy.barrier()
+    return read_artifact(final, stage), False
+
+
+def export_artifact(
+    path: Path,
+    stage: str,
+    model: L.LightningModule,
+    metrics: dict[str, float],
+    config_yaml: str,
+    spec: dict[str, Any],
+) -> Artifact:
+    """Write a trained stage module as a frozen artifact (rank 0 only)."""
+    # LightningCLI adds private entries to hparams; the spec keeps constructor arguments only.
+    params = inspect.signature(type(model).__init__).parameters
+    kwargs = {k: v for k, v in model.hparams.items() if k in params}
+    return write_artifact(
+        path,
+        stage=stage,
+        modules={stage: (model, kwargs)},
+        spec=spec,
+        config_yaml=config_yaml,
+        metrics=metrics,
+    )
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:
+        return None
+
+
+def run_skill_vae(ctx: Context) -> Artifact:
+    from ldcq.data.datamodules import TrajectorySnippetDataModule
+    from ldcq.stages.skill_vae import SkillVAE
+
+    cfg = ctx.stage_cfg("skill_vae")
+    dm = TrajectorySnippetDataModule(**cfg["data"])
+    fp = ctx.fingerprint("skill_vae", [])
+    model = SkillVAE(state_dim=dm.state_dim, action_dim=dm.action_dim, **cfg["model"])
+    dims = {
+        "S": dm.state_dim,
+        "A": dm.action_dim,
+        "Z": model.hparams.latent_dim,
+        "H": model.hparams.horizon,
+    }
+    artifact, _ = _fit_stage(ctx, "skill_vae", model, dm, fp, {}, dims)
+    return artifact
+
+
+def run_diffusion_prior(ctx: Context) -> Artifact:
+    from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+    from ldcq.stages.latent_data import LatentPairsDataModule
+
+    vae = ctx.results["skill_vae"].artifact
+    cfg = ctx.stage_cfg("diffusion_prior")
+    fp = ctx.fingerprint("diffusion_prior", [vae.fingerprint])
+    dm = LatentPairsDataModule(vae_artifact=str(vae.path), **cfg["data"])
+    model = LatentDiffusionPrior(state_dim=dm.state_dim, latent_dim=dm.latent_dim, **cfg["model"])
+    dims = dict(vae.spec["dims"])
+    upstream = {"skill_vae": vae.fingerprint}
+    artifact, _ = _fit_stage(ctx, "diffusion_prior", model, dm, fp, upstream, dims)
+    return artifact
+
+
+def run_latent_bank(ctx: Context) -> Artifact:
+    from ldcq.artifacts import load_modules
+    from ldcq.stages.bank import generate_bank
+    from ldcq.stages.latent_bcq import LatentTransitionDataModule
+
+    vae = ctx.results["skill_vae"].artifact
+    prior = ctx.results["diffusion_prior"].artifact
+    cfg = ctx.stage_cfg("latent_bank")
+    data_cfg = ctx.stage_cfg("latent_bcq")["data"]
+    fp = ctx.fingerprint("latent_bank", [vae.fingerprint, prior.fingerprint])
+    final = ctx.root / f"latent_bank-{fp}"
+    if is_done(final):
+        return read_artifact(final, "latent_bank")
+    dm = LatentTransitionDataModule(
+        vae_artifact=str(vae.path), bank_path="", **{**data_cfg, "prioritized": False}
+    )
+    next_states = dm.transitions()["next_states"]
+    work = ctx.root / ".work" / f"latent_bank-{fp}"
+    trainer_kwargs = {
+        k: v
+        for k, v in ctx.trainer_kwargs("latent_bank").items()
+        if k in _RUN_ONLY_KEYS | {"precision"}
+    }
+    prior_module = load_modules(prior)["diffusion_prior"]
+    bank_path = generate_bank(
+        prior_module,
+        next_states,
+        work,
+        num_samples=cfg["num_samples"],
+        sampler=cfg["sampler"],
+        sampling_steps=cfg["sampling_steps"],
+        extra_steps=cfg["extra_steps"],
+        seed=ctx.cfg.seed,
+        batch_size=cfg["batch_size"],
+        trainer_kwargs=trainer_kwargs,
+    )
+    if global_rank() == 0:
+        bank = np.load(bank_path, mmap_mode="r")
+        write_artifact(
+            final,
+            stage="latent_bank",
+            modules={},
+            spec={
+                "fingerprint": fp,
+                "dims": {**vae.spec["dims"], "K": int(bank.shape[1]), "N": int(bank.shape[0])},
+                "dataset": ctx.dataset,
+                "seed": ctx.cfg.seed,
+                "upstream": {"skill_vae": vae.fingerprint, "diffusion_prior": prior.fingerprint},
+                "config_hash": fingerprint(cfg),
+                "pipeline": ctx.cfg.name,
+                "bytes_per_transition": int(bank.shape[1] * bank.shape[2] * bank.itemsize),
+            },
+            config_yaml=OmegaConf.to_yaml(ctx.cfg.latent_bank),
+            metrics={"bank/bytes": float(Path(bank_path).stat().st_size)},
+            extra_files={"bank.npy": Path(bank_path)},
+        )
+        shutil.rmtree(work, ignore_errors=True)
+    _barrier()
+    return read_artifact(final, "latent_bank")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def run_latent_bcq(ctx: Context) -> Artifact:
+    from ldcq.stages.latent_bcq import LatentBCQ, LatentTransitionDataModule
+
+    vae = ctx.results["skill_vae"].artifact
+    bank = ctx.results["latent_bank"].artifact
+    cfg = ctx.stage_cfg("latent_bcq")
+    fp = ctx.fingerprint("latent_bcq", [vae.fingerprint, bank.fingerprint])
+    dm = LatentTransitionDataModule(
+        vae_artifact=str(vae.path), bank_path=str(bank.path / "bank.npy"), **cfg["data"]
+    )
+    model = LatentBCQ(
+        state_dim=dm.state_dim,
+        latent_dim=dm.latent_dim,
+        horizon=vae.spec["dims"]["H"],
+        **cfg["model"],
+    )
+    upstream = {"skill_vae": vae.fingerprint, "latent_bank": bank.fingerprint}
+    artifact, _ = _fit_stage(ctx, "latent_bcq", model, dm, fp, upstream, dict(vae.spec["dims"]))
+    return artifact
+
+
+RUNNERS = {
+    "skill_vae": run_skill_vae,
+    "diffusion_prior": run_diffusion_prior,
+    "latent_bank": run_latent_bank,
+    "latent_bcq": run_latent_bcq,
+}
+
+
+def run_pipeline(cfg: DictConfig, stages: Sequence[str] | None = None, track: bool = True) -> dict:
+    """Run (or skip) the stages in order; returns ``{stage: StageResult}``.
+
+    ``stages`` limits the run to those stages; their upstream stages must already be finished
+    or are run first.
+    """
+    from ldcq.data.datamodules import load_episodes
+
+    wanted = list(stages or STAGES)
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    last = max(STAGES.index(s) for s in wanted)
+    episodes = load_episodes(cfg.dataset, list(cfg.obs_keys))
+    root = Path(cfg.checkpoints_dir) / cfg.name
+    root.mkdir(parents=True, exist_ok=True)
+    # Under DDP every rank runs this function; only rank 0 talks to MLflow and writes artifacts.
+    tracker = Tracker(cfg.name, cfg.get("tracking_uri")) if track and global_rank() == 0 else None
+    ctx = Context(cfg=cfg, root=root, tracker=tracker, parent_run=None)
+    ctx.dataset = dataset_identity(episodes)
+    if tracker is not None:
+        from ldcq.artifacts import git_sha
+
+        ctx.parent_run = tracker.start_run(
+            f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            {"git_sha": git_sha(), "dataset": ctx.dataset["id"], "scale": cfg.scale},
+        )
+        tracker.log_params(ctx.parent_run, OmegaConf.to_container(cfg, resolve=True))
+    try:
+        for stage in STAGES[: last + 1]:
+            start = time.perf_counter()
+            done_before = _finished(ctx, stage)
+            _log(f"{stage}: {'finished earlier, skipping' if done_before else 'training'}")
+            try:
+                artifact = RUNNERS[stage](ctx)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{stage}.{exc}" if str(exc).startswith(("model.", "data.")) else str(exc)
+                ) from exc
+            seconds = time.perf_counter() - start
+            ctx.results[stage] = StageResult(stage, artifact, done_before, seconds)
+            if tracker is not None:
+                tracker.client.set_tag(ctx.parent_run, f"fingerprint.{stage}", artifact.fingerprint)
+                tracker.log_metrics(ctx.parent_run, {f"time/{stage}_s": seconds})
+            _log(f"{stage}: {artifact.path} ({seconds:.1f} s)")
+    except BaseException:
+        if tracker is not None:
+            tracker.end_run(ctx.parent_run, "FAILED")
+        raise
+    if tracker is not None:
+        tracker.end_run(ctx.parent_run)
+    return ctx.results
+
+
+def _finished(ctx: Context, stage: str) -> bool:
+    upstream = {
+        "skill_vae": [],
+        "diffusion_prior": ["skill_vae"],
+        "latent_bank": ["skill_vae", "diffusion_prior"],
+        "latent_bcq": ["skill_vae", "latent_bank"],
+    }[stage]
+    fps = [ctx.results[u].artifact.fingerprint for u in upstream]
+    return is_done(ctx.root / f"{stage}-{ctx.fingerprint(stage, fps)}")

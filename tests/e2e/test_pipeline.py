@@ -185,3 +185,22 @@ def test_pipeline_in_bf16_mixed_precision(tiny_dataset, tmp_path):
     for r in results.values():
         metrics = r.artifact.metrics
         assert all(np.isfinite(v) for v in metrics.values()), (r.stage, metrics)
+
+
+@pytest.mark.parametrize("pipeline", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml")))
+@pytest.mark.parametrize("scale", ["quick", "cpu", "paper"])
+def test_every_pipeline_composes_at_every_scale(pipeline, scale):
+    cfg = compose(REPO / "pipelines" / pipeline, scale=scale)
+    assert cfg.family in {"maze2d", "antmaze", "kitchen"}
+    assert cfg.skill_vae.data.horizon == cfg.skill_vae.model.horizon == cfg.horizon
+
+
+def test_downloaded_dataset_without_network_stops_at_once(minari_root, tmp_path, monkeypatch):
+    from ldcq.data import minari_io
+    from ldcq.errors import DatasetError
+
+    monkeypatch.setattr(minari_io, "_remote_reachable", lambda timeout=3.0: False)
+    cfg = compose(REPO / "pipelines" / "antmaze-large-diverse.yaml", tiny_overrides(tmp_path)[1:])
+    with pytest.raises(DatasetError, match="minari download D4RL/antmaze/large-diverse-v1"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "ckpt" / "antmaze-large-diverse").exists()

@@ -23,14 +23,13 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from ldcq.artifacts import ArtifactError
 from ldcq.data.datamodules import collate_batch, load_episodes
-from ldcq.data.minari_io import canonical_id
 from ldcq.data.normalizer import Normalizer
 from ldcq.data.windows import make_windows
 from ldcq.errors import ConfigError
 from ldcq.models import TwinQ
 from ldcq.stages.bank import open_bank
 from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule
-from ldcq.stages.latent_data import cached_latents, load_vae
+from ldcq.stages.latent_data import FrozenVAEDataModule, cached_latents
 from ldcq.stages.replay import PrioritizedBatchSampler, PrioritizedReplay, UniformBatchSampler
 
 # The transition batches come from an IterableDataset with a length (steps per epoch); Lightning
@@ -100,7 +99,7 @@ class TransitionBatches(IterableDataset):
             yield batch
 
 
-class LatentTransitionDataModule(L.LightningDataModule):
+class LatentTransitionDataModule(FrozenVAEDataModule):
     """H-step transitions of every episode, encoded by the frozen VAE, with their bank rows.
 
     Args:
@@ -135,33 +134,17 @@ class LatentTransitionDataModule(L.LightningDataModule):
         obs_keys: list[str] | None = None,
         steps_per_epoch: int = 1000,
     ) -> None:
-        super().__init__()
-        if not vae_artifact:
-            raise ConfigError("data.vae_artifact is required: the skill_vae artifact folder")
+        super().__init__(dataset, vae_artifact, obs_keys)
         check_positive(
             "data", stride=stride, batch_size=batch_size, steps_per_epoch=steps_per_epoch
         )
         if not 0.0 < gamma <= 1.0:
             raise ConfigError(f"data.gamma={gamma!r}: must be in (0, 1]")
         self.save_hyperparameters()
-        self.obs_keys = tuple(obs_keys or ["observation"])
-        self.vae_spec, self.vae = load_vae(vae_artifact, canonical_id(dataset))
         self._transitions: dict[str, Tensor] | None = None
         self.bank: np.ndarray | None = None
         self.replay: PrioritizedReplay | None = None
         self.state_normalizer: Normalizer | None = None
-
-    @property
-    def state_dim(self) -> int:
-        return self.vae_spec.spec["dims"]["S"]
-
-    @property
-    def latent_dim(self) -> int:
-        return self.vae_spec.spec["dims"]["Z"]
-
-    @property
-    def horizon(self) -> int:
-        return int(self.vae.hparams.horizon)
 
     @property
     def bank_samples(self) -> int | None:

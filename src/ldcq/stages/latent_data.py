@@ -85,7 +85,33 @@ def cached_latents(
     return latents
 
 
-class LatentPairsDataModule(L.LightningDataModule):
+class FrozenVAEDataModule(L.LightningDataModule):
+    """Base of the DataModules whose batches hold latents of a frozen ``skill_vae`` artifact.
+
+    The dims (S, Z, H) come from the artifact's spec, so the model's dims are linked to them.
+    """
+
+    def __init__(self, dataset: str, vae_artifact: str, obs_keys: list[str] | None) -> None:
+        super().__init__()
+        if not vae_artifact:
+            raise ConfigError("data.vae_artifact is required: the skill_vae artifact folder")
+        self.obs_keys = tuple(obs_keys or ["observation"])
+        self.vae_spec, self.vae = load_vae(vae_artifact, canonical_id(dataset))
+
+    @property
+    def state_dim(self) -> int:
+        return self.vae_spec.spec["dims"]["S"]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.vae_spec.spec["dims"]["Z"]
+
+    @property
+    def horizon(self) -> int:
+        return self.vae_spec.spec["dims"]["H"]
+
+
+class LatentPairsDataModule(FrozenVAEDataModule):
     """``(s_t, z_t)`` pairs for the diffusion prior: batches of ``states (B, S)`` raw and
     ``latents (B, Z)``, the frozen VAE's posterior means, split by episode like stage 1.
 
@@ -105,34 +131,22 @@ class LatentPairsDataModule(L.LightningDataModule):
         seed: int = 0,
         obs_keys: list[str] | None = None,
     ) -> None:
-        super().__init__()
-        if not vae_artifact:
-            raise ConfigError("data.vae_artifact is required: the skill_vae artifact folder")
+        super().__init__(dataset, vae_artifact, obs_keys)
         if batch_size < 1 or stride < 1:
             raise ConfigError(
                 f"data.batch_size ({batch_size}) and data.stride ({stride}) must be >= 1"
             )
         self.save_hyperparameters()
-        self.obs_keys = tuple(obs_keys or ["observation"])
-        self.vae_spec, self.vae = load_vae(vae_artifact, canonical_id(dataset))
         self.train_set = self.val_set = None
         self.state_normalizer: Normalizer | None = None
         self.latent_normalizer: Normalizer | None = None
-
-    @property
-    def state_dim(self) -> int:
-        return self.vae_spec.spec["dims"]["S"]
-
-    @property
-    def latent_dim(self) -> int:
-        return self.vae_spec.spec["dims"]["Z"]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         hp = self.hparams
         episodes = load_episodes(hp.dataset, self.obs_keys)
-        windows = make_windows(episodes, self.vae.hparams.horizon, hp.stride)
+        windows = make_windows(episodes, self.horizon, hp.stride)
         latents = cached_latents(self.vae_spec, self.vae, episodes, windows, f"stride{hp.stride}")
         states = torch.from_numpy(episodes.observations[windows.state_starts])
         _, val_eps = split_episodes(episodes.num_episodes, hp.val_fraction, hp.seed)

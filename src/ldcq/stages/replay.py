@@ -183,17 +183,15 @@ class PrioritizedReplay:
         self.max_priority = float(state["max_priority"])
 
 
-class PrioritizedBatchSampler(Sampler[list[int]]):
-    """Index lists of ``batch_size`` drawn from a :class:`PrioritizedReplay`.
+class _BatchSampler(Sampler[list[int]]):
+    """Yields ``num_batches`` index lists of ``batch_size`` per iteration, or forever when None."""
 
-    Yields ``num_batches`` lists per iteration, or forever when it is None.
-    """
-
-    def __init__(
-        self, replay: PrioritizedReplay, batch_size: int, num_batches: int | None = None
-    ) -> None:
+    def __init__(self, batch_size: int, num_batches: int | None) -> None:
         _check_batches(batch_size, num_batches)
-        self.replay, self.batch_size, self.num_batches = replay, batch_size, num_batches
+        self.batch_size, self.num_batches = batch_size, num_batches
+
+    def draw(self) -> np.ndarray:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -203,15 +201,25 @@ class PrioritizedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         count = 0
         while self.num_batches is None or count < self.num_batches:
-            yield self.replay.sample(self.batch_size)[0].tolist()
+            yield self.draw().tolist()
             count += 1
 
 
-class UniformBatchSampler(Sampler[list[int]]):
-    """Index lists of ``batch_size`` drawn uniformly with replacement from ``range(num_rows)``.
+class PrioritizedBatchSampler(_BatchSampler):
+    """Index lists drawn from a :class:`PrioritizedReplay` (∝ p^α)."""
 
-    Yields ``num_batches`` lists per iteration, or forever when it is None.
-    """
+    def __init__(
+        self, replay: PrioritizedReplay, batch_size: int, num_batches: int | None = None
+    ) -> None:
+        super().__init__(batch_size, num_batches)
+        self.replay = replay
+
+    def draw(self) -> np.ndarray:
+        return self.replay.sample(self.batch_size)[0]
+
+
+class UniformBatchSampler(_BatchSampler):
+    """Index lists drawn uniformly with replacement from ``range(num_rows)``."""
 
     def __init__(
         self,
@@ -220,22 +228,14 @@ class UniformBatchSampler(Sampler[list[int]]):
         num_batches: int | None = None,
         seed: int | Sequence[int] = 0,
     ) -> None:
-        _check_batches(batch_size, num_batches)
+        super().__init__(batch_size, num_batches)
         if num_rows < 1:
             raise ConfigError(f"cannot sample batches from {num_rows} rows")
-        self.num_rows, self.batch_size, self.num_batches = num_rows, batch_size, num_batches
+        self.num_rows = num_rows
         self.rng = np.random.default_rng(seed)
 
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an infinite sampler has no length")
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        count = 0
-        while self.num_batches is None or count < self.num_batches:
-            yield self.rng.integers(0, self.num_rows, self.batch_size).tolist()
-            count += 1
+    def draw(self) -> np.ndarray:
+        return self.rng.integers(0, self.num_rows, self.batch_size)
 
 
 def _check_batches(batch_size: int, num_batches: int | None) -> None:

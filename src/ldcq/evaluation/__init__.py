@@ -1,0 +1,1 @@
+"""The LDCQ policy in the simulator: planner, vectorized rollouts, scores, pictures."""

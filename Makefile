@@ -7,14 +7,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATASET ?= pointmaze-umaze
+ANTMAZE ?= large-diverse
+KITCHEN ?= mixed
+SEEDS ?= 3
+PIPELINE ?= pointmaze-umaze
+# SCALE=paper (reference sizes, for a GPU) or cpu (within ~2 h on a 2-core CPU); by default the
+# one that fits this machine.
+SCALE ?=
+scale = $${SCALE:-$$($(BIN)/python -c 'import torch; print("paper" if torch.cuda.is_available() else "cpu")')}
 MLFLOW_PORT ?= 5000
+MLFLOW_HOST ?= 127.0.0.1
 export MUJOCO_GL ?= egl
 
-.PHONY: help install test lint format data train mlflow-ui clean
+.PHONY: help install test lint format data train train-maze2d-umaze train-maze2d-medium \
+	train-maze2d-large train-antmaze train-kitchen eval mlflow-ui clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 
 # torch goes first and pinned: resolving it together with lightning pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -40,11 +50,43 @@ format: $(STAMP) ## apply ruff fixes and formatting
 data: $(STAMP) ## generate the default dataset (DATASET=pointmaze-umaze; skips one that exists)
 	$(BIN)/ldcq data show $(DATASET) 2>/dev/null || $(BIN)/ldcq data generate $(DATASET)
 
-train: data ## the main job on pointmaze-umaze (ARGS="skill_vae.model.beta=0.1 …" overrides)
+train: data ## the main job: pointmaze-umaze, quick scale, evaluated (ARGS="seed=1 …" overrides)
 	$(BIN)/ldcq pipeline run pipelines/pointmaze-umaze.yaml $(ARGS)
 
-mlflow-ui: $(STAMP) ## browse experiments at http://127.0.0.1:5000 (MLFLOW_PORT=…)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+eval: $(STAMP) ## evaluate the trained pointmaze-umaze stages again (ARGS="evaluation.selector=prior")
+	$(BIN)/ldcq eval pipelines/pointmaze-umaze.yaml $(ARGS)
+
+train-maze2d-umaze: $(STAMP) ## maze2d-umaze at SCALE=cpu|paper (dataset generated here)
+	$(MAKE) data DATASET=pointmaze-umaze
+	$(BIN)/ldcq pipeline run pipelines/pointmaze-umaze.yaml --scale $(scale) $(ARGS)
+
+train-maze2d-medium: $(STAMP) ## maze2d-medium at SCALE=cpu|paper (dataset generated here)
+	$(MAKE) data DATASET=pointmaze-medium
+	$(BIN)/ldcq pipeline run pipelines/pointmaze-medium.yaml --scale $(scale) $(ARGS)
+
+train-maze2d-large: $(STAMP) ## maze2d-large at SCALE=cpu|paper (dataset generated here)
+	$(MAKE) data DATASET=pointmaze-large
+	$(BIN)/ldcq pipeline run pipelines/pointmaze-large.yaml --scale $(scale) $(ARGS)
+
+train-antmaze: $(STAMP) ## D4RL/antmaze/<ANTMAZE>-v1 via Minari (ANTMAZE=large-diverse|medium-diverse|…)
+	$(BIN)/ldcq pipeline run pipelines/antmaze-large-diverse.yaml --scale $(scale) \
+		dataset=D4RL/antmaze/$(ANTMAZE)-v1 name=antmaze-$(ANTMAZE) $(ARGS)
+
+train-kitchen: $(STAMP) ## D4RL/kitchen/<KITCHEN>-v2 via Minari (KITCHEN=mixed|partial|complete)
+	$(BIN)/ldcq pipeline run pipelines/kitchen-mixed.yaml --scale $(scale) \
+		dataset=D4RL/kitchen/$(KITCHEN)-v2 name=kitchen-$(KITCHEN) $(ARGS)
+
+.PHONY: bench bench-score
+
+bench: $(STAMP) ## stage speed, latency, memory, FLOP/s → bench/results/ (ARGS="--device cuda --precision bf16-mixed")
+	$(BIN)/python -m ldcq.bench.perf --scale $(or $(SCALE),paper) $(ARGS)
+
+bench-score: $(STAMP) ## score ± std over SEEDS=3 of PIPELINE=pointmaze-umaze vs BC, SCALE=quick|cpu|paper
+	$(BIN)/python -m ldcq.bench.score --pipeline pipelines/$(PIPELINE).yaml --seeds $(SEEDS) \
+		--scale $(or $(SCALE),quick) $(ARGS)
+
+mlflow-ui: $(STAMP) ## browse experiments at http://127.0.0.1:5000 (MLFLOW_PORT=…, MLFLOW_HOST=…)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean: ## remove caches (keeps .venv, datasets, checkpoints and MLflow runs)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

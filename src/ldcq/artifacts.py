@@ -14,6 +14,7 @@ import contextvars
 import errno
 import hashlib
 import importlib
+import io
 import json
 import os
 import platform
@@ -128,7 +129,8 @@ def write_artifact(
         extra_files: name -> file to move into the folder (e.g. a memory-mapped bank).
 
     Raises:
-        ArtifactError: the disk is full or not writable; nothing half-written is left behind.
+        ArtifactError: the disk is full or not writable; nothing half-written is left behind,
+            and the ``extra_files`` are back where they were.
     """
     final = Path(path)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -147,16 +149,23 @@ def write_artifact(
             f"artifact {final} already exists and is finished; it is never overwritten"
         )
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # also those of killed writers
+            shutil.rmtree(stale)
         tmp.mkdir(parents=True)
         state = {name: module.state_dict() for name, (module, _) in modules.items()}
-        torch.save(state, tmp / "weights.pt")
+        # Serialized in memory, then written by Python: torch.save's own file writer reports a
+        # full disk as an opaque RuntimeError, this write as OSError(ENOSPC).
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / "weights.pt").write_bytes(buffer.getbuffer())
         (tmp / "spec.json").write_text(json.dumps(full_spec, indent=2, sort_keys=True, default=str))
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "metrics.json").write_text(json.dumps(dict(metrics), indent=2, sort_keys=True))
         for name, src in (extra_files or {}).items():
             shutil.move(str(src), tmp / name)
+        for file in tmp.iterdir():  # on disk before DONE can be
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
         if final.exists():
             # an unfinished folder from an earlier attempt
             shutil.rmtree(final)
@@ -166,12 +175,20 @@ def write_artifact(
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
+        for name, src in (extra_files or {}).items():  # hand back what was moved in
+            for folder in (tmp, final):
+                if (folder / name).is_file() and not Path(src).exists():
+                    with contextlib.suppress(OSError):
+                        shutil.move(str(folder / name), src)
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
         raise ArtifactError(
             f"could not write artifact {final}: {reason}. Free space (or choose another "
             f"checkpoints folder) and rerun the same command: finished stages are kept"
         ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return Artifact(final, full_spec)
 
 

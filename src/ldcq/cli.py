@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
-from ldcq.errors import LdcqError
+from ldcq.errors import ConfigError, LdcqError
 
 
 def _data_generate(args: argparse.Namespace) -> None:
@@ -43,13 +44,50 @@ def _print_summary(cfg, results) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ldcq.tracking import resolve_uri
+
     table = Table(title=f"{cfg.name} ({cfg.scale} scale, seed {cfg.seed})")
     for col in ("stage", "status", "seconds", "artifact"):
         table.add_column(col)
     for r in results.values():
-        status = "skipped (finished earlier)" if r.skipped else "trained"
+        status = "finished earlier" if r.skipped else "done"
         table.add_row(r.stage, status, f"{r.seconds:.1f}", str(r.artifact.path))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if "evaluation" in results:
+        m = results["evaluation"].artifact.metrics
+        scores = Table(
+            title=f"evaluation: {int(m['eval/episodes'])} episodes, selector {cfg.evaluation.selector}"
+        )
+        for col in (
+            "normalized score",
+            "success rate",
+            "return",
+            "first-hit score (official maze2d)",
+        ):
+            scores.add_column(col, justify="right")
+        normalized = m.get("eval/normalized_score")
+        scores.add_row(
+            "n/a (no reference scores)"
+            if normalized is None
+            else f"{normalized:.1f} ± {m['eval/normalized_score_std']:.1f}",
+            f"{100 * m['eval/success_rate']:.0f} %",
+            f"{m['eval/return_mean']:.1f} ± {m['eval/return_std']:.1f}",
+            f"{m['eval/first_hit_score']:.1f}",
+        )
+        console.print(scores)
+        console.print(f"pictures and rollouts: {results['evaluation'].artifact.path}")
+    if getattr(cfg, "tracking_uri", None) is not False:
+        console.print(f"MLflow: {resolve_uri(cfg.get('tracking_uri'))} (make mlflow-ui)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ldcq.pipeline import compose, global_rank, run_pipeline
+
+    cfg = compose(args.pipeline, args.overrides, scale=args.scale, trainer=args.trainer)
+    results = run_pipeline(cfg, stages=["evaluation"], track=not args.no_tracking, train=False)
+    if global_rank() == 0:
+        _print_summary(cfg, results)
 
 
 def _pipeline_config(args: argparse.Namespace) -> None:
@@ -98,7 +136,8 @@ def run_stage_cli(command: str, argv: list[str]) -> None:
     """
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    from ldcq.tracking import resolve_uri
+    from ldcq.stages.guards import FiniteLossGuard
+    from ldcq.tracking import check_server, resolve_uri
 
     stage, model_path, data_path, linked = STAGE_COMMANDS[command]
 
@@ -132,6 +171,18 @@ def run_stage_cli(command: str, argv: list[str]) -> None:
                 "--artifact_dir", default=None, help="export the trained stage to this folder"
             )
 
+        def parse_arguments(self, parser, args) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except argparse.ArgumentError as exc:
+                raise _stage_cli_error(parser, exc, command) from None
+
+        def before_instantiate_classes(self) -> None:
+            logger = self.config[self.subcommand]["trainer"]["logger"]
+            uri = getattr(getattr(logger, "init_args", None), "tracking_uri", None)
+            if isinstance(uri, str):
+                check_server(uri)
+
         def after_fit(self) -> None:
             target = self.config[self.subcommand].get("artifact_dir")
             if target and self.trainer.is_global_zero:
@@ -144,15 +195,42 @@ def run_stage_cli(command: str, argv: list[str]) -> None:
         _load(data_path),
         save_config_callback=ConfigToRun,
         seed_everything_default=0,
+        # Parse errors come back as exceptions, to be told as one line with the closest key.
+        parser_kwargs={"exit_on_error": False},
         trainer_defaults={
+            "callbacks": [FiniteLossGuard(stage, lr_key="--model.lr")],
             "logger": {
                 "class_path": "lightning.pytorch.loggers.MLFlowLogger",
                 "init_args": {
                     "experiment_name": f"ldcq-{stage}",
                     "tracking_uri": resolve_uri(None),
                 },
-            }
+            },
         },
+    )
+
+
+def _stage_cli_error(parser, exc: argparse.ArgumentError, command: str) -> ConfigError:
+    """A LightningCLI parse error as one line; an unknown option gets the closest valid one."""
+    import difflib
+
+    message = " ".join(str(exc).split())
+    help_hint = f"`ldcq {command} fit --help` lists every option"
+    if not message.startswith("unrecognized arguments"):
+        return ConfigError(f"ldcq {command}: {message}; {help_hint}")
+    valid = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                valid.update(sub._option_string_actions)
+    unknown = []
+    for token in message.split(":", 1)[1].split():
+        if token.startswith("--"):
+            key = token.split("=", 1)[0]
+            match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            unknown.append(f"{key!r}" + (f" (did you mean {match[0]!r}?)" if match else ""))
+    return ConfigError(
+        f"ldcq {command}: unknown option {', '.join(unknown) or message}; {help_hint}"
     )
 
 
@@ -218,11 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipe = commands.add_parser("pipeline", help="run a pipeline of stages (pipelines/*.yaml)")
     pipe_commands = pipe.add_subparsers(dest="pipeline_command", required=True)
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a pipeline's trained stages in the simulator (trains nothing)"
+    )
     for name, func, help_text in (
         ("run", _pipeline_run, "train (or skip, or resume) every stage in order"),
         ("config", _pipeline_config, "print the composed, resolved config"),
+        ("eval", _eval, ""),
     ):
-        cmd = pipe_commands.add_parser(name, help=help_text)
+        cmd = evaluate if name == "eval" else pipe_commands.add_parser(name, help=help_text)
         cmd.add_argument("pipeline", help="e.g. pipelines/pointmaze-umaze.yaml")
         cmd.add_argument(
             "overrides",
@@ -232,12 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--scale", default=None, help="quick | cpu | paper (configs/scale/)")
         cmd.add_argument("--trainer", default=None, help="cpu | gpu | ddp (configs/trainer/)")
         cmd.set_defaults(func=func)
+        if name in ("run", "eval"):
+            cmd.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
         if name == "run":
             cmd.add_argument(
                 "--stages", default=None, help="comma-separated subset, e.g. skill_vae"
             )
-            cmd.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-        else:
+        elif name == "config":
             cmd.add_argument("--stage", default=None, help="print only this stage's section")
     return parser
 
@@ -260,6 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except LdcqError as exc:
         print(f"ldcq: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A full disk anywhere (a Lightning checkpoint, a bank chunk): say so, not a traceback.
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(
+            f"ldcq: error: no space left on device writing {exc.filename or 'a file'}. Free space "
+            f"and rerun the same command: finished stages are kept and the interrupted one "
+            f"resumes from its last checkpoint",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

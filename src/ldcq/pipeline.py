@@ -18,16 +18,33 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ldcq.artifacts import Artifact, fingerprint, is_done, read_artifact, write_artifact
 from ldcq.errors import ConfigError
+from ldcq.locking import RunLock
 from ldcq.tracking import Tracker, flatten
 
-STAGES = ("skill_vae", "diffusion_prior", "latent_bank", "latent_bcq")
+STAGES = ("skill_vae", "diffusion_prior", "latent_bank", "latent_bcq", "evaluation")
+# The artifacts each stage consumes; their fingerprints are part of the stage's fingerprint.
+UPSTREAM = {
+    "skill_vae": (),
+    "diffusion_prior": ("skill_vae",),
+    "latent_bank": ("skill_vae", "diffusion_prior"),
+    "latent_bcq": ("skill_vae", "latent_bank"),
+    "evaluation": ("skill_vae", "diffusion_prior", "latent_bcq"),
+}
 # Trainer keys that decide where and how fast a stage runs, not what it learns.
-_RUN_ONLY_KEYS = {"accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar"}
+_RUN_ONLY_KEYS = {
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "enable_progress_bar",
+    "deterministic",
+}
 
 
 def project_root(pipeline_path: Path) -> Path:
@@ -68,8 +85,9 @@ def compose(
     try:
         body = OmegaConf.load(path)
         includes = [OmegaConf.load(root / inc) for inc in body.pop("include", [])]
-    except (OSError, OmegaConfBaseException) as exc:
-        raise ConfigError(f"cannot read pipeline {path}: {exc}") from exc
+    except (OSError, OmegaConfBaseException, yaml.YAMLError) as exc:
+        # YAML is read with a safe loader: a tag that would build an object lands here too.
+        raise ConfigError(f"cannot read pipeline {path}: {' '.join(str(exc).split())}") from exc
     scale = scale or body.get("scale", "quick")
     parts = [*includes, _preset(root, "scale", scale), body]
     if trainer:
@@ -136,6 +154,13 @@ class Context:
             **self.stage_cfg(stage).get("trainer", {}),
         }
 
+    def upstream(self, stage: str) -> dict[str, str]:
+        """Fingerprints of the artifacts ``stage`` consumes."""
+        return {u: self.results[u].artifact.fingerprint for u in UPSTREAM[stage]}
+
+    def stage_fingerprint(self, stage: str) -> str:
+        return self.fingerprint(stage, list(self.upstream(stage).values()))
+
     def fingerprint(self, stage: str, upstream: Sequence[str]) -> str:
         cfg = self.stage_cfg(stage)
         trainer = {k: v for k, v in self.trainer_kwargs(stage).items() if k not in _RUN_ONLY_KEYS}
@@ -177,7 +202,10 @@ def _fit_stage(
     dims: dict[str, int],
 ) -> tuple[Artifact, bool]:
     """Train one stage (resuming from ``last.ckpt``) and write its artifact; skip it if done."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ldcq.stages.guards import FiniteLossGuard
 
     final = ctx.root / f"{stage}-{fp}"
     if is_done(final):
@@ -192,19 +220,33 @@ def _fit_stage(
             stage, {"stage": stage, "fingerprint": fp, "dataset": ctx.dataset["id"]}, ctx.parent_run
         )
         ctx.tracker.log_params(run_id, ctx.stage_cfg(stage))
-    trainer = L.Trainer(
-        **kwargs,
-        default_root_dir=work,
-        logger=ctx.tracker.logger(run_id) if ctx.tracker is not None else False,
-        callbacks=[ModelCheckpoint(dirpath=work, save_last=True, every_n_train_steps=every)],
-        enable_model_summary=False,
-    )
-    resumed_from = None
-    if last.exists():
-        resumed_from = _checkpoint_step(last)
+    try:
+        trainer = L.Trainer(
+            **kwargs,
+            default_root_dir=work,
+            logger=ctx.tracker.logger(run_id) if ctx.tracker is not None else False,
+            callbacks=[
+                FiniteLossGuard(stage),
+                ModelCheckpoint(dirpath=work, save_last=True, every_n_train_steps=every),
+            ],
+            enable_model_summary=False,
+        )
+    except (TypeError, ValueError, MisconfigurationException) as exc:
+        raise ConfigError(f"the trainer settings of {stage} are not valid: {exc}") from exc
+    resumed_from = _checkpoint_step(last) if last.exists() else None
+    if resumed_from is not None:
         _log(f"{stage}: resuming from {last} (step {resumed_from})")
+    elif last.exists() and global_rank() == 0:
+        # Truncated, corrupted or pickling code: kept aside for a look, never loaded.
+        last.replace(last.with_name("last.ckpt.unreadable"))
+        _log(f"{stage}: {last} is unreadable; kept as last.ckpt.unreadable, training afresh")
     L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(
+        model,
+        datamodule=datamodule,
+        ckpt_path=str(last) if resumed_from is not None else None,
+        weights_only=True,  # last.ckpt is read as data; a file that pickles code is refused
+    )
     metrics = _metrics(trainer)
     if trainer.is_global_zero:
         artifact = export_artifact(
@@ -271,7 +313,7 @@ def run_skill_vae(ctx: Context) -> Artifact:
 
     cfg = ctx.stage_cfg("skill_vae")
     dm = TrajectorySnippetDataModule(**cfg["data"])
-    fp = ctx.fingerprint("skill_vae", [])
+    fp = ctx.stage_fingerprint("skill_vae")
     model = SkillVAE(state_dim=dm.state_dim, action_dim=dm.action_dim, **cfg["model"])
     dims = {
         "S": dm.state_dim,
@@ -289,13 +331,32 @@ def run_diffusion_prior(ctx: Context) -> Artifact:
 
     vae = ctx.results["skill_vae"].artifact
     cfg = ctx.stage_cfg("diffusion_prior")
-    fp = ctx.fingerprint("diffusion_prior", [vae.fingerprint])
+    fp = ctx.stage_fingerprint("diffusion_prior")
     dm = LatentPairsDataModule(vae_artifact=str(vae.path), **cfg["data"])
     model = LatentDiffusionPrior(state_dim=dm.state_dim, latent_dim=dm.latent_dim, **cfg["model"])
     dims = dict(vae.spec["dims"])
-    upstream = {"skill_vae": vae.fingerprint}
-    artifact, _ = _fit_stage(ctx, "diffusion_prior", model, dm, fp, upstream, dims)
+    artifact, _ = _fit_stage(
+        ctx, "diffusion_prior", model, dm, fp, ctx.upstream("diffusion_prior"), dims
+    )
     return artifact
+
+
+def check_bank_config(cfg: dict[str, Any]) -> None:
+    """The ``latent_bank`` section's values, named by their pipeline keys."""
+    from ldcq.models import SAMPLERS
+    from ldcq.stages.common import check_positive
+
+    check_positive(
+        "latent_bank",
+        num_samples=cfg["num_samples"],
+        sampling_steps=cfg["sampling_steps"],
+        batch_size=cfg["batch_size"],
+    )
+    check_positive("latent_bank", allow_zero=True, extra_steps=cfg["extra_steps"])
+    if cfg["sampler"] not in SAMPLERS:
+        raise ConfigError(
+            f"latent_bank.sampler={cfg['sampler']!r}: valid samplers are {list(SAMPLERS)}"
+        )
 
 
 def run_latent_bank(ctx: Context) -> Artifact:
@@ -307,13 +368,19 @@ def run_latent_bank(ctx: Context) -> Artifact:
     prior = ctx.results["diffusion_prior"].artifact
     cfg = ctx.stage_cfg("latent_bank")
     data_cfg = ctx.stage_cfg("latent_bcq")["data"]
-    fp = ctx.fingerprint("latent_bank", [vae.fingerprint, prior.fingerprint])
+    fp = ctx.stage_fingerprint("latent_bank")
     final = ctx.root / f"latent_bank-{fp}"
     if is_done(final):
         return read_artifact(final, "latent_bank")
-    dm = LatentTransitionDataModule(
-        vae_artifact=str(vae.path), bank_path="", **{**data_cfg, "prioritized": False}
-    )
+    check_bank_config(cfg)
+    try:
+        dm = LatentTransitionDataModule(
+            vae_artifact=str(vae.path), bank_path="", **{**data_cfg, "prioritized": False}
+        )
+    except ConfigError as exc:  # the bank is drawn at latent_bcq's transitions
+        raise ConfigError(
+            f"latent_bcq.{exc}" if str(exc).startswith("data.") else str(exc)
+        ) from exc
     next_states = dm.transitions()["next_states"]
     work = ctx.root / ".work" / f"latent_bank-{fp}"
     trainer_kwargs = {
@@ -345,7 +412,7 @@ def run_latent_bank(ctx: Context) -> Artifact:
                 "dims": {**vae.spec["dims"], "K": int(bank.shape[1]), "N": int(bank.shape[0])},
                 "dataset": ctx.dataset,
                 "seed": ctx.cfg.seed,
-                "upstream": {"skill_vae": vae.fingerprint, "diffusion_prior": prior.fingerprint},
+                "upstream": ctx.upstream("latent_bank"),
                 "config_hash": fingerprint(cfg),
                 "pipeline": ctx.cfg.name,
                 "bytes_per_transition": int(bank.shape[1] * bank.shape[2] * bank.itemsize),
@@ -372,7 +439,7 @@ def run_latent_bcq(ctx: Context) -> Artifact:
     vae = ctx.results["skill_vae"].artifact
     bank = ctx.results["latent_bank"].artifact
     cfg = ctx.stage_cfg("latent_bcq")
-    fp = ctx.fingerprint("latent_bcq", [vae.fingerprint, bank.fingerprint])
+    fp = ctx.stage_fingerprint("latent_bcq")
     dm = LatentTransitionDataModule(
         vae_artifact=str(vae.path), bank_path=str(bank.path / "bank.npy"), **cfg["data"]
     )
@@ -382,9 +449,130 @@ def run_latent_bcq(ctx: Context) -> Artifact:
         horizon=vae.spec["dims"]["H"],
         **cfg["model"],
     )
-    upstream = {"skill_vae": vae.fingerprint, "latent_bank": bank.fingerprint}
+    upstream = ctx.upstream("latent_bcq")
     artifact, _ = _fit_stage(ctx, "latent_bcq", model, dm, fp, upstream, dict(vae.spec["dims"]))
     return artifact
+
+
+def run_evaluation(ctx: Context) -> Artifact:
+    """The LDCQ policy in the simulator; rank 0 only (the others wait at the barrier)."""
+    from ldcq.artifacts import load_modules
+    from ldcq.data.datamodules import load_episodes
+    from ldcq.evaluation.policy import LDCQPolicy
+    from ldcq.evaluation.rollout import env_factory, evaluate
+
+    cfg = ctx.stage_cfg("evaluation")
+    fp = ctx.stage_fingerprint("evaluation")
+    final = ctx.root / f"evaluation-{fp}"
+    if is_done(final) or global_rank() != 0:
+        _barrier()
+        return read_artifact(final, "evaluation")
+    modules = {
+        stage: load_modules(ctx.results[stage].artifact)[stage]
+        for stage in ("skill_vae", "diffusion_prior", "latent_bcq")
+    }
+    policy = LDCQPolicy(
+        modules["skill_vae"],
+        modules["diffusion_prior"],
+        modules["latent_bcq"],
+        selector=cfg["selector"],
+        num_samples=cfg["num_samples"],
+        replan_every=cfg["replan_every"],
+        deterministic=cfg["deterministic"],
+        sampler=cfg["sampler"],
+        sampling_steps=cfg["sampling_steps"],
+        extra_steps=cfg["extra_steps"],
+        seed=cfg["seed"],
+    )
+    episodes = load_episodes(ctx.cfg.dataset, list(ctx.cfg.obs_keys))
+    make_env, family = env_factory(ctx.cfg.dataset)
+    run_id = None
+    if ctx.tracker is not None:
+        tags = {"stage": "evaluation", "fingerprint": fp, "dataset": ctx.dataset["id"]}
+        run_id = ctx.tracker.start_run("evaluation", tags, ctx.parent_run)
+        ctx.tracker.log_params(run_id, cfg)
+    start = time.perf_counter()
+    metrics, trajectories = evaluate(
+        policy,
+        make_env,
+        obs_keys=list(ctx.cfg.obs_keys),
+        episodes=cfg["episodes"],
+        num_envs=cfg["num_envs"],
+        seed=cfg["seed"],
+        ref_scores=(episodes.ref_min_score, episodes.ref_max_score),
+        asynchronous=cfg["asynchronous"],
+    )
+    metrics["eval/seconds"] = time.perf_counter() - start
+    work = ctx.root / ".work" / f"evaluation-{fp}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    np.savez_compressed(
+        work / "rollouts.npz",
+        positions=trajectories.positions,
+        success=trajectories.success,
+        returns=trajectories.returns,
+        lengths=trajectories.lengths,
+    )
+    extra = {"rollouts.npz": work / "rollouts.npz"}
+    if cfg["pictures"]:
+        extra.update(_pictures(ctx, work, trajectories, modules, policy, make_env, episodes))
+    artifact = write_artifact(
+        final,
+        stage="evaluation",
+        modules={},
+        spec={
+            "fingerprint": fp,
+            "dims": dict(ctx.results["skill_vae"].artifact.spec["dims"]),
+            "dataset": ctx.dataset,
+            "seed": cfg["seed"],
+            "family": family,
+            "upstream": ctx.upstream("evaluation"),
+            "config_hash": fingerprint(cfg),
+            "pipeline": ctx.cfg.name,
+        },
+        config_yaml=OmegaConf.to_yaml(ctx.cfg.evaluation),
+        metrics=metrics,
+        extra_files=extra,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics(run_id, metrics)
+        for path in sorted(artifact.path.iterdir()):
+            if path.name != "DONE":
+                ctx.tracker.log_artifact(run_id, path)
+        ctx.tracker.end_run(run_id)
+    _barrier()
+    return artifact
+
+
+def _pictures(ctx, out_dir, trajectories, modules, policy, make_env, episodes) -> dict[str, Path]:
+    """Pictures of the evaluation, written to ``out_dir``; name -> file."""
+    from ldcq.data import pointmaze
+    from ldcq.evaluation import plots
+
+    name = pointmaze.name_for_id(ctx.dataset["id"])
+    maze = pointmaze.parse_name(name)[0] if name is not None else None
+    run_ids = {}
+    if ctx.tracker is not None:
+        runs = ctx.tracker.client.search_runs(
+            [ctx.tracker.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run}'",
+        )
+        run_ids = {r.data.tags["mlflow.runName"]: r.info.run_id for r in runs}
+    files = plots.make_pictures(
+        out_dir,
+        traj=trajectories,
+        maze=maze,
+        vae=modules["skill_vae"],
+        prior=modules["diffusion_prior"],
+        q=modules["latent_bcq"],
+        episodes=episodes,
+        policy=policy,
+        make_env=make_env,
+        tracking_uri=ctx.tracker.uri if ctx.tracker is not None else None,
+        run_ids=run_ids or None,
+    )
+    return {path.name: path for path in files.values()}
 
 
 RUNNERS = {
@@ -392,14 +580,21 @@ RUNNERS = {
     "diffusion_prior": run_diffusion_prior,
     "latent_bank": run_latent_bank,
     "latent_bcq": run_latent_bcq,
+    "evaluation": run_evaluation,
 }
 
 
-def run_pipeline(cfg: DictConfig, stages: Sequence[str] | None = None, track: bool = True) -> dict:
+def run_pipeline(
+    cfg: DictConfig,
+    stages: Sequence[str] | None = None,
+    track: bool = True,
+    train: bool = True,
+) -> dict:
     """Run (or skip) the stages in order; returns ``{stage: StageResult}``.
 
-    ``stages`` limits the run to those stages; their upstream stages must already be finished
-    or are run first.
+    ``stages`` stops the run after the last of them; the stages before it are skipped when
+    finished and run otherwise, unless ``train`` is False, which refuses to train any of them
+    (``ldcq eval``: evaluate what is there).
     """
     from ldcq.data.datamodules import load_episodes
 
@@ -411,7 +606,9 @@ def run_pipeline(cfg: DictConfig, stages: Sequence[str] | None = None, track: bo
     episodes = load_episodes(cfg.dataset, list(cfg.obs_keys))
     root = Path(cfg.checkpoints_dir) / cfg.name
     root.mkdir(parents=True, exist_ok=True)
-    # Under DDP every rank runs this function; only rank 0 talks to MLflow and writes artifacts.
+    # Under DDP every rank runs this function; only rank 0 locks, talks to MLflow and writes
+    # artifacts. The lock keeps a second run off this checkpoints folder.
+    lock = RunLock(root).acquire() if global_rank() == 0 else None
     tracker = Tracker(cfg.name, cfg.get("tracking_uri")) if track and global_rank() == 0 else None
     ctx = Context(cfg=cfg, root=root, tracker=tracker, parent_run=None)
     ctx.dataset = dataset_identity(episodes)
@@ -427,7 +624,15 @@ def run_pipeline(cfg: DictConfig, stages: Sequence[str] | None = None, track: bo
         for stage in STAGES[: last + 1]:
             start = time.perf_counter()
             done_before = _finished(ctx, stage)
+            if not done_before and not train and stage != "evaluation":
+                raise ConfigError(
+                    f"stage {stage} of pipeline {cfg.name} is not trained for this config (no "
+                    f"{root}/{stage}-{ctx.stage_fingerprint(stage)}); train it with "
+                    f"`ldcq pipeline run` and the same config and overrides"
+                )
             _log(f"{stage}: {'finished earlier, skipping' if done_before else 'training'}")
+            # Seeded before the stage builds its modules: their initial weights come from it.
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
             try:
                 artifact = RUNNERS[stage](ctx)
             except ConfigError as exc:
@@ -438,23 +643,21 @@ def run_pipeline(cfg: DictConfig, stages: Sequence[str] | None = None, track: bo
             ctx.results[stage] = StageResult(stage, artifact, done_before, seconds)
             if tracker is not None:
                 tracker.client.set_tag(ctx.parent_run, f"fingerprint.{stage}", artifact.fingerprint)
+                if stage == "evaluation":
+                    tracker.log_metrics(ctx.parent_run, artifact.metrics)
                 tracker.log_metrics(ctx.parent_run, {f"time/{stage}_s": seconds})
             _log(f"{stage}: {artifact.path} ({seconds:.1f} s)")
     except BaseException:
         if tracker is not None:
-            tracker.end_run(ctx.parent_run, "FAILED")
+            tracker.end_open_runs("FAILED")  # the failed stage's run, then the pipeline's
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     if tracker is not None:
         tracker.end_run(ctx.parent_run)
     return ctx.results
 
 
 def _finished(ctx: Context, stage: str) -> bool:
-    upstream = {
-        "skill_vae": [],
-        "diffusion_prior": ["skill_vae"],
-        "latent_bank": ["skill_vae", "diffusion_prior"],
-        "latent_bcq": ["skill_vae", "latent_bank"],
-    }[stage]
-    fps = [ctx.results[u].artifact.fingerprint for u in upstream]
-    return is_done(ctx.root / f"{stage}-{ctx.fingerprint(stage, fps)}")
+    return is_done(ctx.root / f"{stage}-{ctx.stage_fingerprint(stage)}")

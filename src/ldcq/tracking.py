@@ -44,13 +44,17 @@ class Tracker:
         else:
             self.experiment_id = found.experiment_id
         self.experiment = experiment
+        self._open_runs: list[str] = []
 
     def start_run(self, name: str, tags: Mapping[str, Any], parent: str | None = None) -> str:
         all_tags = {k: str(v) for k, v in tags.items() if v is not None}
         all_tags["mlflow.runName"] = name
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent
-        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        run_id = run.info.run_id
+        self._open_runs.append(run_id)
+        return run_id
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -68,6 +72,14 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+        if run_id in self._open_runs:
+            self._open_runs.remove(run_id)
+
+    def end_open_runs(self, status: str = "FAILED") -> None:
+        """End every run this tracker started and did not end yet, children before parents
+        (a stage that failed, inside or outside ``trainer.fit``, and the pipeline's run)."""
+        for run_id in reversed(list(self._open_runs)):
+            self.end_run(run_id, status)
 
     def logger(self, run_id: str):
         """A Lightning logger writing into an existing run."""
@@ -100,3 +112,9 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking server {uri} cannot be reached ({exc}); start it, fix "
             f"tracking_uri / MLFLOW_TRACKING_URI, or unset both to use the local sqlite store"
         ) from exc
+
+
+def check_server(uri: str) -> None:
+    """Fail at once, naming ``uri``, when it is an http(s) tracking server that does not answer."""
+    if uri.startswith(("http://", "https://")):
+        _check_reachable(uri)

@@ -52,6 +52,9 @@ def tiny_overrides(tmp_path, dataset="test/tiny-v0", steps=6):
         "latent_bcq.data.batch_size=8",
         "latent_bcq.data.stride=1",
         "latent_bcq.data.steps_per_epoch=4",
+        "evaluation.episodes=2",
+        "evaluation.num_envs=2",
+        "evaluation.num_samples=4",
     ]
 
 
@@ -60,28 +63,48 @@ def tiny_dataset(minari_root):
     return write_dataset("test/tiny-v0", [random_episode(30, seed=s) for s in range(6)])
 
 
-def test_pipeline_trains_then_skips_everything(tiny_dataset, tmp_path):
-    cfg = compose(PIPELINE, tiny_overrides(tmp_path))
+@pytest.fixture
+def tiny_maze(minari_root):
+    """pointmaze-umaze with 3000 steps (10 episodes of 300): a dataset with a real eval env."""
+    from ldcq.data.pointmaze import generate_dataset
+
+    return generate_dataset("pointmaze-umaze", 3000, seed=0, ref_episodes=2, progress=False)
+
+
+def test_pipeline_trains_then_skips_everything(tiny_maze, tmp_path):
+    overrides = tiny_overrides(tmp_path, dataset="pointmaze-umaze")
+    cfg = compose(PIPELINE, overrides)
     first = run_pipeline(cfg)
     assert list(first) == list(STAGES)
     assert not any(r.skipped for r in first.values())
     for r in first.values():
         assert (r.artifact.path / "DONE").is_file()
         spec = json.loads((r.artifact.path / "spec.json").read_text())
-        assert spec["dataset"]["id"] == "test/tiny-v0"
+        assert spec["dataset"]["id"] == "ldcq/pointmaze/umaze-v0"
     bcq_spec = first["latent_bcq"].artifact.spec
     assert bcq_spec["upstream"]["latent_bank"] == first["latent_bank"].artifact.fingerprint
 
-    again = run_pipeline(compose(PIPELINE, tiny_overrides(tmp_path)))
+    evaluation = first["evaluation"].artifact
+    metrics = evaluation.metrics
+    assert metrics["eval/episodes"] == 2 and 0.0 <= metrics["eval/success_rate"] <= 1.0
+    assert "eval/normalized_score" in metrics
+    for picture in (
+        "rollouts.npz",
+        "rollouts.png",
+        "q_map.png",
+        "latents.png",
+        "training_curves.png",
+    ):
+        assert (evaluation.path / picture).stat().st_size > 0, picture
+
+    again = run_pipeline(compose(PIPELINE, overrides))
     assert all(r.skipped for r in again.values())
     assert {k: r.artifact.path for k, r in again.items()} == {
         k: r.artifact.path for k, r in first.items()
     }
 
     # a changed hyperparameter retrains that stage and everything downstream, nothing upstream
-    changed = run_pipeline(
-        compose(PIPELINE, [*tiny_overrides(tmp_path), "diffusion_prior.model.lr=0.002"])
-    )
+    changed = run_pipeline(compose(PIPELINE, [*overrides, "diffusion_prior.model.lr=0.002"]))
     assert [s for s, r in changed.items() if r.skipped] == ["skill_vae"]
 
     from mlflow.tracking import MlflowClient
@@ -96,11 +119,16 @@ def test_pipeline_trains_then_skips_everything(tiny_dataset, tmp_path):
         "skill_vae",
         "diffusion_prior",
         "latent_bcq",
+        "evaluation",
     }
     child = next(r for r in children if r.data.tags["mlflow.runName"] == "skill_vae")
     assert "train/loss" in child.data.metrics
     names = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"spec.json", "config.yaml", "metrics.json"} <= names
+    ev = next(r for r in children if r.data.tags["mlflow.runName"] == "evaluation")
+    assert "eval/normalized_score" in ev.data.metrics
+    ev_files = {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert {"rollouts.png", "q_map.png", "metrics.json"} <= ev_files
 
 
 def test_unknown_key_and_bad_value_are_clear(tiny_dataset, tmp_path, capsys):
@@ -164,10 +192,11 @@ def test_stages_run_alone_through_lightning_cli(tiny_dataset, tmp_path, monkeypa
     )
 
 
-def test_pipeline_under_ddp_two_cpu_processes(tiny_dataset, tmp_path):
+def test_pipeline_under_ddp_two_cpu_processes(tiny_maze, tmp_path):
     # Lightning's DDP launcher re-runs the command line in each child, so this runs as a subprocess.
     cmd = [sys.executable, "-m", "ldcq.cli", "pipeline", "run", str(PIPELINE), "--trainer", "ddp"]
-    cmd += [*tiny_overrides(tmp_path), "trainer.accelerator=cpu"]
+    cmd += [*tiny_overrides(tmp_path, dataset="pointmaze-umaze"), "trainer.accelerator=cpu"]
+    cmd += ["evaluation.pictures=false"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MEMBER: 2/2" in out.stderr + out.stdout
@@ -175,12 +204,13 @@ def test_pipeline_under_ddp_two_cpu_processes(tiny_dataset, tmp_path):
     assert len(list(root.glob("*/DONE"))) == len(STAGES)
     bank = next(root.glob("latent_bank-*/bank.npy"))
 
-    transitions = 6 * (30 - 4 + 1)
+    transitions = 10 * (300 - 4 + 1)
     assert np.load(bank, mmap_mode="r").shape == (transitions, 4, 16)
 
 
-def test_pipeline_in_bf16_mixed_precision(tiny_dataset, tmp_path):
-    cfg = compose(PIPELINE, [*tiny_overrides(tmp_path), "trainer.precision=bf16-mixed"])
+def test_pipeline_in_bf16_mixed_precision(tiny_maze, tmp_path):
+    overrides = [*tiny_overrides(tmp_path, dataset="pointmaze-umaze"), "evaluation.pictures=false"]
+    cfg = compose(PIPELINE, [*overrides, "trainer.precision=bf16-mixed"])
     results = run_pipeline(cfg, track=False)
     for r in results.values():
         metrics = r.artifact.metrics

@@ -42,9 +42,9 @@ def canonical_id(name_or_id: str) -> str:
 def _generate_hint(dataset_id: str) -> str:
     from ldcq.data import pointmaze
 
-    names = [n for n in pointmaze.GENERATED_NAMES if pointmaze.dataset_id(n) == dataset_id]
-    if names:
-        return f"generate it with `ldcq data generate {names[0]}`"
+    name = pointmaze.name_for_id(dataset_id)
+    if name is not None:
+        return f"generate it with `ldcq data generate {name}`"
     return "the datasets this project generates are: " + ", ".join(pointmaze.GENERATED_NAMES)
 
 
@@ -158,32 +158,34 @@ class EpisodeArrays:
         }
 
 
-def _flatten(value, key_path: str) -> np.ndarray:
+def _flatten(value, key_path: str, where: str = "the dataset") -> np.ndarray:
     """``(L, d)`` float32 from an array or a (nested) dict of arrays, keys in sorted order."""
     if isinstance(value, Mapping):
-        parts = [_flatten(value[k], f"{key_path}/{k}") for k in sorted(value)]
+        parts = [_flatten(value[k], f"{key_path}/{k}", where) for k in sorted(value)]
         return np.concatenate(parts, axis=1)
     arr = np.asarray(value)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
+        fix = "" if key_path in ("actions", "observations") else " (or choose other obs_keys)"
         raise DatasetError(
-            f"observation field {key_path!r} has shape {arr.shape} and dtype {arr.dtype}; "
-            f"expected a numeric (steps, dim) array"
+            f"{where}: {key_path!r} has shape {arr.shape} and dtype {arr.dtype}, but numeric "
+            f"(steps, dim) values are needed; regenerate or re-download the dataset{fix}"
         )
     return arr.reshape(len(arr), -1).astype(np.float32, copy=False)
 
 
-def _observation_vector(obs, obs_keys: Sequence[str], dataset_id: str) -> np.ndarray:
+def observation_vector(obs, obs_keys: Sequence[str], dataset_id: str) -> np.ndarray:
     if not isinstance(obs, Mapping):
-        return _flatten(obs, "observations")
+        return _flatten(obs, "observations", f"dataset {dataset_id!r}")
     missing = [k for k in obs_keys if k not in obs]
     if missing:
         raise DatasetError(
             f"dataset {dataset_id!r} has observation keys {sorted(obs)}, not {missing}; "
             f"set the data config's obs_keys to some of {sorted(obs)}"
         )
-    return np.concatenate([_flatten(obs[k], k) for k in obs_keys], axis=1)
+    where = f"dataset {dataset_id!r}"
+    return np.concatenate([_flatten(obs[k], k, where) for k in obs_keys], axis=1)
 
 
 def episodes_from_dicts(
@@ -198,8 +200,8 @@ def episodes_from_dicts(
         for key in ("observations", "actions", "rewards", "terminations", "truncations"):
             if ep.get(key) is None:
                 raise DatasetError(f"{where} has no {key!r}: regenerate or re-download the dataset")
-        obs = _observation_vector(ep["observations"], obs_keys, dataset_id)
-        act = _flatten(ep["actions"], "actions")
+        obs = observation_vector(ep["observations"], obs_keys, dataset_id)
+        act = _flatten(ep["actions"], "actions", where)
         n = len(act)
         sizes = {
             "observations": (len(obs), n + 1),
@@ -212,6 +214,13 @@ def episodes_from_dicts(
                 raise DatasetError(
                     f"{where} has {n} actions but {got} {key} (expected {want}): the dataset is "
                     f"malformed; regenerate or re-download it"
+                )
+        for key in ("rewards", "terminations", "truncations"):
+            arr = np.asarray(ep[key])
+            if arr.size != n or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+                raise DatasetError(
+                    f"{where}: {key!r} has shape {arr.shape} and dtype {arr.dtype}, but {n} "
+                    f"numbers (one per action) are needed; regenerate or re-download the dataset"
                 )
         if n == 0:
             continue
@@ -229,9 +238,12 @@ def episodes_from_dicts(
             f"dataset {dataset_id!r} mixes state dims {sorted(dims[0])} or action dims "
             f"{sorted(dims[1])} across episodes"
         )
-    values = np.concatenate([np.concatenate(obs_parts), np.concatenate(act_parts)], axis=None)
+    values = np.concatenate([*obs_parts, *act_parts, *rew_parts], axis=None)
     if not np.isfinite(values).all():
-        raise DatasetError(f"dataset {dataset_id!r} has NaN or inf in its observations or actions")
+        raise DatasetError(
+            f"dataset {dataset_id!r} has NaN or inf in its observations, actions or rewards; "
+            f"clean or regenerate it"
+        )
     return EpisodeArrays(
         observations=np.concatenate(obs_parts),
         actions=np.concatenate(act_parts),

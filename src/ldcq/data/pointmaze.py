@@ -107,6 +107,12 @@ def dataset_id(name: str) -> str:
     return f"{NAMESPACE}/{name.removeprefix('pointmaze-')}-v0"
 
 
+def name_for_id(minari_id: str) -> str | None:
+    """The generated dataset's name for its id (``ldcq/pointmaze/umaze-v0`` -> ``pointmaze-umaze``),
+    or None when the id is not one of ours."""
+    return next((n for n in GENERATED_NAMES if dataset_id(n) == minari_id), None)
+
+
 def make_eval_env(name: str, **kwargs) -> gym.Env:
     """The fixed-goal evaluation env of ``name``; ``kwargs`` go to ``gymnasium.make``.
 

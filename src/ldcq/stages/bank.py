@@ -20,6 +20,7 @@ often generation was interrupted and resumed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -207,6 +208,20 @@ def consolidate(chunk_dir: Path, bank_path: Path, shape: tuple[int, int, int]) -
     at a time; returns that temporary file, for the caller to rename into place."""
     tmp = bank_path.with_name(f"{bank_path.name}.tmp-{os.getpid()}")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    try:
+        # Reserve the blocks now: a full disk then fails here, not later with SIGBUS on a write.
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+    except OSError as exc:
+        # Any other error: a filesystem that cannot reserve, written as it comes.
+        if exc.errno == errno.ENOSPC:
+            del out
+            tmp.unlink(missing_ok=True)
+            raise ArtifactError(
+                f"the disk is full: the latent bank {bank_path} needs "
+                f"{np.prod(shape) * 2 / 2**20:.1f} MiB. Free space and rerun the same command: "
+                f"the sampled chunks in {chunk_dir} are kept"
+            ) from exc
     covered = np.zeros(shape[0], dtype=bool)
     for samples_file, index_file in finished_chunks(chunk_dir):
         index = np.load(index_file)

@@ -10,7 +10,13 @@ from ldcq.errors import ConfigError
 
 def check_positive(section: str, allow_zero: bool = False, **values: float) -> None:
     """Raise one :class:`ConfigError` naming every key whose value is out of range."""
-    bad = {k: v for k, v in values.items() if not (v >= 0 if allow_zero else v > 0)}
+    bad = {
+        k: v
+        for k, v in values.items()
+        if isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or not (v >= 0 if allow_zero else v > 0)
+    }
     if bad:
         need = ">= 0" if allow_zero else "> 0"
         listed = ", ".join(f"{section}.{k}={v!r}" for k, v in bad.items())

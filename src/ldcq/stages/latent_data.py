@@ -21,6 +21,7 @@ from ldcq.data.minari_io import EpisodeArrays, canonical_id
 from ldcq.data.normalizer import Normalizer
 from ldcq.data.windows import Windows, make_windows, split_episodes
 from ldcq.errors import ConfigError
+from ldcq.stages.common import check_positive
 
 
 class TensorRows(Dataset):
@@ -97,6 +98,13 @@ class FrozenVAEDataModule(L.LightningDataModule):
             raise ConfigError("data.vae_artifact is required: the skill_vae artifact folder")
         self.obs_keys = tuple(obs_keys or ["observation"])
         self.vae_spec, self.vae = load_vae(vae_artifact, canonical_id(dataset))
+        episodes = load_episodes(dataset, self.obs_keys)
+        # Same dataset, other obs_keys: the VAE would otherwise fail deep inside a matmul.
+        check_dims(
+            self.vae_spec,
+            {"S": episodes.state_dim, "A": episodes.action_dim},
+            "this stage's data.obs_keys",
+        )
 
     @property
     def state_dim(self) -> int:
@@ -132,10 +140,10 @@ class LatentPairsDataModule(FrozenVAEDataModule):
         obs_keys: list[str] | None = None,
     ) -> None:
         super().__init__(dataset, vae_artifact, obs_keys)
-        if batch_size < 1 or stride < 1:
-            raise ConfigError(
-                f"data.batch_size ({batch_size}) and data.stride ({stride}) must be >= 1"
-            )
+        check_positive("data", batch_size=batch_size, stride=stride)
+        check_positive("data", allow_zero=True, val_fraction=val_fraction)
+        if val_fraction >= 1:
+            raise ConfigError(f"data.val_fraction={val_fraction!r}: must be in [0, 1)")
         self.save_hyperparameters()
         self.train_set = self.val_set = None
         self.state_normalizer: Normalizer | None = None

@@ -88,9 +88,20 @@ class SkillVAE(L.LightningModule):
         h = self.hparams.horizon
         return self.encoder(self.state_normalizer(states[:, :h]), actions)
 
-    def act(self, states: Tensor, z: Tensor, deterministic: bool = False) -> Tensor:
+    def act(
+        self,
+        states: Tensor,
+        z: Tensor,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """π(a | s, z): raw ``states (N, S)``, ``z (N, Z)`` -> actions ``(N, A)``."""
-        return self.policy.sample(self.state_normalizer(states), z, deterministic=deterministic)
+        s = self.state_normalizer(states)
+        return self.policy.sample(s, z, deterministic=deterministic, generator=generator)
+
+    def prior_mean(self, states: Tensor) -> Tensor:
+        """Mean of the VAE's Gaussian prior p(z | s): raw ``states (N, S)`` -> ``(N, Z)``."""
+        return self.prior(self.state_normalizer(states))[0]
 
     def losses(self, states: Tensor, actions: Tensor) -> dict[str, Tensor]:
         """Reference §1.2 loss: per-step action NLL + β·KL/H (+ state NLL/H)."""

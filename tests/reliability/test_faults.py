@@ -1,0 +1,199 @@
+"""Faults: SIGKILL mid-stage resumes that stage and redoes no finished one; a partly written
+artifact is never taken as finished; two runs cannot share a checkpoints folder."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny import PIPELINE, UP_TO_BCQ, pipeline_root, tiny_dataset, tiny_overrides
+
+from ldcq.artifacts import load_modules, read_artifact
+from ldcq.cli import main
+from ldcq.locking import LockError, RunLock
+from ldcq.pipeline import compose, run_pipeline
+
+SLOW_CLI = Path(__file__).with_name("slow_cli.py")
+N_ROWS = 6 * (30 - 4 + 1)  # transitions of the tiny dataset at H = 4, stride 1
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _start(args: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"run-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, str(SLOW_CLI), "pipeline", "run", str(PIPELINE), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **env}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_in_the_bank_then_in_latent_bcq_resumes_each_and_redoes_nothing(
+    minari_root, tmp_path
+):
+    tiny_dataset()
+    overrides = [
+        *tiny_overrides(tmp_path),
+        "latent_bank.batch_size=16",  # 11 chunks
+        "latent_bcq.trainer.max_steps=40",
+        "latent_bcq.trainer.checkpoint_every_n_steps=5",
+    ]
+    args = [*overrides, "--stages", "latent_bcq", "--no-tracking"]
+    root = pipeline_root(tmp_path)
+    chunk_files = lambda: list(root.glob(".work/latent_bank-*/chunks/*/*.idx.npy"))  # noqa: E731
+
+    # 1. killed while the bank is being sampled, after a few chunks
+    proc, _ = _start(args, tmp_path, LDCQ_TEST_CHUNK_DELAY="0.5")
+    _wait_for(lambda: len(chunk_files()) >= 2, proc, "two bank chunks")
+    _kill(proc)
+    finished = {p.parent.name.split("-")[0]: p.stat().st_mtime_ns for p in root.glob("*/DONE")}
+    assert set(finished) == {"skill_vae", "diffusion_prior"}
+    before = set(np.concatenate([np.load(f) for f in chunk_files()]).tolist())
+    assert 0 < len(before) < N_ROWS
+
+    # 2. rerun: the bank samples only the rows no chunk holds; killed inside latent_bcq
+    rows_log = tmp_path / "rows.txt"
+    proc, log = _start(args, tmp_path, LDCQ_TEST_STEP_DELAY="0.1", LDCQ_TEST_ROWS_LOG=str(rows_log))
+    _wait_for(lambda: list(root.glob(".work/latent_bcq-*/last.ckpt")), proc, "a bcq checkpoint")
+    _kill(proc)
+    text = log.read_text()
+    for stage in ("skill_vae", "diffusion_prior"):
+        assert f"{stage}: finished earlier, skipping" in text
+    assert {p.parent.name.split("-")[0] for p in root.glob("*/DONE")} == {
+        "skill_vae",
+        "diffusion_prior",
+        "latent_bank",
+    }
+    resampled = [int(r) for line in rows_log.read_text().split("\n") for r in line.split()]
+    assert len(resampled) == len(set(resampled))
+    assert not before & set(resampled), "rows of finished chunks were sampled again"
+    assert before | set(resampled) == set(range(N_ROWS))
+
+    # 3. rerun: latent_bcq resumes from its checkpoint, nothing else is redone
+    results = run_pipeline(compose(PIPELINE, overrides), stages=UP_TO_BCQ, track=False)
+    assert [s for s, r in results.items() if not r.skipped] == ["latent_bcq"]
+    spec = results["latent_bcq"].artifact.spec
+    assert spec["resumed_from_step"] and spec["resumed_from_step"] >= 5
+    assert spec["global_step"] == 40
+    for stage, mtime in finished.items():
+        assert (results[stage].artifact.path / "DONE").stat().st_mtime_ns == mtime
+
+
+def test_a_folder_without_done_is_retrained_not_used(minari_root, tmp_path):
+    tiny_dataset()
+    overrides = tiny_overrides(tmp_path)
+    first = run_pipeline(compose(PIPELINE, overrides), stages=["skill_vae"], track=False)
+    folder = first["skill_vae"].artifact.path
+    # killed between the rename and DONE, with a half-written file: must not be read
+    (folder / "DONE").unlink()
+    weights = folder / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:64])
+
+    again = run_pipeline(compose(PIPELINE, overrides), stages=["diffusion_prior"], track=False)
+    assert not again["skill_vae"].skipped
+    assert again["skill_vae"].artifact.path == folder and (folder / "DONE").is_file()
+    load_modules(read_artifact(folder, "skill_vae"))
+    assert not again["diffusion_prior"].skipped
+
+
+@pytest.mark.parametrize("content", ["truncated", "pickled code"])
+def test_an_unreadable_last_checkpoint_is_set_aside_not_loaded(minari_root, tmp_path, content):
+    tiny_dataset()
+    overrides = tiny_overrides(tmp_path)
+    first = run_pipeline(compose(PIPELINE, overrides), stages=["skill_vae"], track=False)
+    folder = first["skill_vae"].artifact.path
+    work = folder.parent / ".work" / folder.name
+    work.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    if content == "truncated":
+        (work / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    else:
+        (work / "last.ckpt").write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    import shutil
+
+    shutil.rmtree(folder)  # the stage was interrupted: only its work folder is left
+
+    again = run_pipeline(compose(PIPELINE, overrides), stages=["skill_vae"], track=False)
+    assert not again["skill_vae"].skipped
+    assert again["skill_vae"].artifact.spec["resumed_from_step"] is None
+    assert again["skill_vae"].artifact.spec["global_step"] == 6
+    assert not marker.exists()
+
+
+class _RunsCode:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+_HOLD = "import sys, time; from ldcq.locking import RunLock; RunLock(sys.argv[1]).acquire(); "
+_HOLD += "print('locked', flush=True); time.sleep(120)"
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_on_the_same_checkpoints_folder_fails_at_once(minari_root, tmp_path, capsys):
+    tiny_dataset()
+    root = pipeline_root(tmp_path)
+    args = ["pipeline", "run", str(PIPELINE), *tiny_overrides(tmp_path), "--stages", "skill_vae"]
+    holder = _hold_lock(root)
+    try:
+        start = time.perf_counter()
+        assert main([*args, "--no-tracking"]) == 2
+        assert time.perf_counter() - start < 10
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith("ldcq: error: the checkpoints folder")
+        assert f"pid {holder.pid}" in err and str(root / ".lock") in err
+        assert "command: " + sys.executable in err and "time.sleep(120)" in err
+        assert not list(root.glob("skill_vae-*")), "the second run trained anyway"
+        with pytest.raises(LockError, match=f"pid {holder.pid}"):
+            RunLock(root).acquire()
+    finally:
+        _kill(holder)
+
+    # the holder died without releasing: its lock file is left, and blocks nothing
+    assert (root / ".lock").read_text()
+    assert main([*args, "--no-tracking"]) == 0
+    assert list(root.glob("skill_vae-*/DONE"))
+    assert (root / ".lock").read_text() == ""  # released at the end of the run
+
+
+def test_the_lock_is_released_after_a_failed_run(minari_root, tmp_path):
+    tiny_dataset()
+    root = pipeline_root(tmp_path)
+    bad = compose(PIPELINE, [*tiny_overrides(tmp_path), "skill_vae.model.lr=-1"])
+    with pytest.raises(Exception, match="lr"):
+        run_pipeline(bad, stages=["skill_vae"], track=False)
+    # another process can take it at once
+    holder = _hold_lock(root)
+    _kill(holder)

@@ -1,0 +1,278 @@
+"""The `make bench` report: the issue's targets as pass/fail lines, the JSON file, the tables."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+# DESIGN.md's measurements of the official code on this machine, the numbers to beat.
+OFFICIAL = {"latents_per_s": 550.0, "q_updates_per_s_b128": 7.0, "replan_ms": 800.0}
+# Cores that other processes kept busy during a section above which its timings are suspect.
+DISTURBED_CORES = 0.2
+
+
+def targets(report: dict) -> list[dict[str, Any]]:
+    """The issue's targets (``pass`` True/False) and the official code's numbers (``pass`` None)."""
+    sampling = report["sampling"]
+    lines = [_sampler_target(s) for s in sampling["schedules"]]
+    bank = report["bank"]
+    mapped = "memory-mapped np.memmap" if bank["memory_mapped"] else "NOT memory-mapped"
+    worst = max(report["q_learning"]["rows"], key=lambda r: r["prioritized_cost"])
+    lines += [
+        {
+            "target": "bank ≤ 64 B per stored sample, never whole in RAM",
+            "result": f"{bank['bytes_per_sample']} B/sample (fp16), "
+            f"{bank['bytes_per_transition']:,.0f} B/transition at K={bank['K']}; {mapped}",
+            "pass": bank["bytes_per_sample"] <= 64 and bank["memory_mapped"],
+        },
+        {
+            "target": "prioritized sampling ≤ 20 % over uniform per update",
+            "result": f"worst {100 * worst['prioritized_cost']:+.1f} % "
+            f"(B={worst['batch']}, K={worst['K']})",
+            "pass": worst["prioritized_cost"] <= 0.20,
+        },
+    ]
+    kind, _, steps = sampling["configured"].partition(" ")
+    rows = next(s["samplers"] for s in sampling["schedules"] if s["configured"])
+    configured = [r for r in rows if r["name"] == f"DDIM {steps}"]
+    if kind == "ddim" and configured:
+        ratio = configured[0]["latents_per_s"] / OFFICIAL["latents_per_s"]
+        lines.append(
+            {
+                "target": f"vs official sampler ({OFFICIAL['latents_per_s']:.0f} latents/s)",
+                "result": f"configured DDIM {steps}: {ratio:.0f}×",
+                "pass": None,
+            }
+        )
+    b128 = [r for r in report["q_learning"]["rows"] if r["batch"] == 128]
+    if b128:
+        row = max(b128, key=lambda r: r["K"])
+        ratio = row["prioritized_per_s"] / OFFICIAL["q_updates_per_s_b128"]
+        lines.append(
+            {
+                "target": f"vs official Q updates/s at B=128 "
+                f"({OFFICIAL['q_updates_per_s_b128']:.0f}/s)",
+                "result": f"K={row['K']}, prioritized: {ratio:.0f}×",
+                "pass": None,
+            }
+        )
+    one_env = [r for r in report["latency"]["rows"] if r["envs"] == 1]
+    if one_env:
+        ratio = OFFICIAL["replan_ms"] / one_env[0]["replan_ms"]
+        lines.append(
+            {
+                "target": f"vs official re-plan ({OFFICIAL['replan_ms']:.0f} ms)",
+                "result": f"{one_env[0]['family']}, 1 env: {ratio:.0f}× faster",
+                "pass": None,
+            }
+        )
+    return lines
+
+
+def _sampler_target(schedule: dict) -> dict[str, Any]:
+    """The few-step target for the prior trained with one noise schedule: the fastest DDIM step
+    count whose samples are as good as DDPM's."""
+    ddpm, ddim = schedule["samplers"][0], schedule["samplers"][1:]
+    equal = [r for r in ddim if r["equal_quality"]]
+    fastest = max(equal, key=lambda r: r["speedup"]) if equal else None
+    if fastest is None:
+        closest = min(ddim, key=lambda r: r["mmd2_excess"])
+        result = (
+            f"no DDIM step count reaches DDPM's quality (MMD² {ddpm['mmd2']:.4f}); closest "
+            f"{closest['name']} at {closest['mmd2']:.4f}, {closest['speedup']:.1f}× DDPM"
+        )
+    else:
+        result = (
+            f"{fastest['name']}: {fastest['speedup']:.1f}× DDPM's latents/s; MMD² "
+            f"{fastest['mmd2']:.4f} vs DDPM {ddpm['mmd2']:.4f} (excess "
+            f"{fastest['mmd2_excess']:+.4f} ± {fastest['mmd2_excess_se']:.4f})"
+        )
+    which = "configured" if schedule["configured"] else "alternative"
+    return {
+        "target": f"few-step sampler ≥ 20× DDPM latents/s at equal quality, "
+        f"{schedule['schedule']} schedule ({which})",
+        "result": result,
+        "pass": fastest is not None and fastest["speedup"] >= 20,
+    }
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    """``<out_dir>/<date>-<host>.json``; the date carries the time, so runs never overwrite."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.fromisoformat(report["meta"]["date"]).strftime("%Y-%m-%d-%H%M%S")
+    path = out_dir / f"{stamp}-{report['meta']['host']}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def sections(report: dict) -> list[tuple[str, dict]]:
+    """(label, result) of every measured section of ``report``."""
+    out = [("matmul peak", report["peak"])]
+    out += [(f"train {r['family']} {r['stage']}", r) for r in report["train"]]
+    out += [(k.replace("_", " "), report[k]) for k in ("sampling", "bank", "q_learning")]
+    return [*out, ("latency", report["latency"])]
+
+
+def _g(x: float) -> str:
+    """A number for a table: thousands separators when large, 3 significant digits otherwise."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]], left: int = 1):
+    """A rich table; the first ``left`` columns are left-justified, the others right."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def print_report(report: dict, console) -> None:
+    """Every section of ``report`` as rich tables on ``console``."""
+    meta, peak = report["meta"], report["peak"]["gflops"]
+    console.print(
+        f"[bold]ldcq bench[/] {meta['date']} on {meta['host']}: {meta['device']} "
+        f"({meta['device_name']}, {meta['torch_threads']} threads), {meta['precision']}, "
+        f"{meta['scale']} sizes; matmul peak "
+        + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items())
+        + f"; load average {meta['load_avg_start'][0]:.2f} → {meta['load_avg_end'][0]:.2f}, "
+        f"other processes at the start {meta['other_cpu_cores_start']:.2f} cores"
+    )
+    rows = [
+        [
+            r["family"],
+            r["stage"],
+            str(r["batch"]),
+            _g(r["steps_per_s"]),
+            _g(r["samples_per_s"]),
+            _g(r["step_ms"]),
+            _g(r["gflop_per_step"]),
+            _g(r["gflops"]),
+            f"{100 * r['peak_fraction']:.1f}",
+        ]
+        for r in report["train"]
+    ]
+    columns = ["family", "stage", "B", "steps/s", "samples/s", "ms/step", "GFLOP/step"]
+    console.print(
+        _table(
+            "Training throughput (Trainer.fit on synthetic batches; GFLOP = forward + backward)",
+            [*columns, "GFLOP/s", "% of peak"],
+            rows,
+            left=2,
+        )
+    )
+
+    s = report["sampling"]
+    rows = [
+        [
+            f"{r['name']}, {schedule['schedule']}",
+            str(r["denoiser_calls"]),
+            _g(r["latents_per_s"]),
+            f"{r['speedup']:.1f}",
+            f"{r['mmd2']:.4f} ± {r['mmd2_se']:.4f}",
+            f"{r['mmd2_excess']:+.4f} ± {r['mmd2_excess_se']:.4f}",
+            "yes" if r["equal_quality"] else "no",
+        ]
+        for schedule in s["schedules"]
+        for r in schedule["samplers"]
+    ]
+    rows += [
+        [name.replace("_", " "), "", "", "", f"{v['mmd2']:.4f} ± {v['mmd2_se']:.4f}", "", ""]
+        for name, v in s["references"].items()
+    ]
+    title = (
+        f"Prior samplers ({s['family']}; {s['throughput_batch'][0]} states × "
+        f"{s['throughput_batch'][1]} latents per call; MMD² over {s['states']} states × "
+        f"{s['samples_per_state']} samples, RBF bandwidth {s['bandwidth']})"
+    )
+    columns = ["sampler", "denoiser calls", "latents/s", "× DDPM", "MMD²", "excess vs DDPM"]
+    console.print(_table(title, [*columns, "equal quality"], rows))
+
+    b = report["bank"]
+    console.print(
+        f"[bold]Latent bank[/] ({b['family']}, generate_bank, {b['sampler']}): "
+        f"{b['transitions']:,} transitions × K={b['K']} in {b['seconds']:.1f} s = "
+        f"{b['latents_per_s']:,.0f} latents/s; {b['bytes_per_sample']} B/sample, "
+        f"{b['bytes_per_transition']:,.0f} B/transition; memory-mapped: {b['memory_mapped']}. "
+        f"prior.sample alone, latents/s by rows per batch (configured {b['batch_size']}): "
+        + ", ".join(f"{k}: {v:,.0f}" for k, v in b["sample_latents_per_s_by_rows"].items())
+    )
+
+    q = report["q_learning"]
+    rows = [
+        [
+            str(r["batch"]),
+            str(r["K"]),
+            _g(r["uniform_per_s"]),
+            _g(r["prioritized_per_s"]),
+            f"{100 * r['prioritized_cost']:+.1f} %",
+        ]
+        for r in q["rows"]
+    ]
+    console.print(
+        _table(
+            f"Q-learning updates/s ({q['family']}, N={q['transitions']:,}, Trainer.fit)",
+            ["B", "K", "uniform/s", "prioritized/s", "prioritized cost"],
+            rows,
+            left=0,
+        )
+    )
+
+    lat = report["latency"]["rows"]
+    rows = [
+        [
+            r["family"],
+            str(r["envs"]),
+            str(r["K"]),
+            _g(r["replan_ms"]),
+            _g(r["step_ms"]),
+            f"{_g(r['amortized_step_ms'])} (re-plan every {r['replan_every']})",
+        ]
+        for r in lat
+    ]
+    sources = ", ".join(sorted({r["source"] for r in lat}))
+    columns = ["family", "envs", "K", "re-plan ms", "step ms", "per env step, amortized ms"]
+    console.print(_table(f"Decision latency (timed: {sources})", columns, rows))
+
+    rows = []
+    for label, r in sections(report):
+        m = r["memory"]
+        cuda = f" (CUDA {_g(m['cuda_peak_mb'])})" if "cuda_peak_mb" in m else ""
+        other = f"{r['other_cpu_cores']:.2f}" if "other_cpu_cores" in r else "?"
+        row = [label, _g(m["rss_start_mb"]), _g(m["rss_peak_mb"]) + cuda, _g(r["seconds_total"])]
+        rows.append([*row, other])
+    console.print(
+        _table(
+            f"Peak memory per section ({meta['memory_method']})",
+            ["section", "RSS after imports MB", "peak RSS MB", "wall s", "other processes, cores"],
+            rows,
+        )
+    )
+    disturbed = [
+        label for label, r in sections(report) if r.get("other_cpu_cores", 0) > DISTURBED_CORES
+    ]
+    if disturbed:
+        console.print(
+            f"[yellow]Other processes kept > {DISTURBED_CORES} cores busy during: "
+            f"{', '.join(disturbed)}; their timings are pessimistic. Rerun on a quiet machine.[/]"
+        )
+
+    slow = report["slowest"]
+    console.print(
+        "[bold]Projected time at the configured steps here[/]: "
+        + ", ".join(f"{r['family']} {r['stage']} {r['hours']:.2g} h" for r in report["projection"])
+    )
+    console.print(
+        f"[bold]Slowest stage[/]: {slow['family']} {slow['stage']} ({slow['work']}, "
+        f"{slow['hours']:.3g} h here); top operators by self time: "
+        + "; ".join(f"{o['op']} {100 * o['share']:.0f} %" for o in slow["ops"])
+    )
+    status = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[dim]info[/]"}
+    rows = [[line["target"], line["result"], status[line["pass"]]] for line in report["targets"]]
+    console.print(_table("Targets", ["target", "result", ""], rows, left=3))

@@ -1,0 +1,234 @@
+"""`make bench-score`: normalized score, success rate and wall time per stage of a maze2d pipeline
+over N seeds, beside the behaviour-cloning baseline on the same data.
+
+For each seed i it runs ``ldcq pipeline run <pipeline> --scale <scale> seed=i
+evaluation.selector=q`` (LDCQ), then the same command with ``evaluation.selector=vae-prior`` (the
+VAE's decoder driven by its own Gaussian prior: behaviour cloning), which reuses the trained
+stages and only evaluates. Each command's MLflow parent run names the artifacts it used (tags
+``fingerprint.<stage>``) and the wall time of each stage (metrics ``time/<stage>_s``); the scores
+are read from ``<checkpoints_dir>/<pipeline>/evaluation-<fingerprint>/metrics.json``. A stage whose
+artifact was finished before the command started is reported as cached, not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldcq.errors import ConfigError, LdcqError
+
+METHODS = {"q": "LDCQ", "prior": "diffusion prior, no Q", "vae-prior": "BC (VAE prior)"}
+SCORES = ("eval/normalized_score", "eval/success_rate", "eval/return_mean")
+_CLI = [sys.executable, "-m", "ldcq.cli"]
+
+
+def require_evaluation() -> tuple[str, ...]:
+    """The pipeline's stages; refuses a checkout whose pipeline has no ``evaluation`` stage."""
+    from ldcq.pipeline import STAGES
+
+    if "evaluation" not in STAGES:
+        raise ConfigError(
+            "make bench-score needs the pipeline's `evaluation` stage (ldcq.evaluation: the "
+            "policy in the simulator and its normalized score), which this checkout does not "
+            f"have: its stages are {list(STAGES)}. Update the checkout, then rerun"
+        )
+    return STAGES
+
+
+def ensure_dataset(dataset: str) -> None:
+    """Generate a PointMaze dataset that is not there yet (downloaded ones say how to get them)."""
+    shown = subprocess.run([*_CLI, "data", "show", dataset], capture_output=True, text=True)
+    if shown.returncode != 0:
+        subprocess.run([*_CLI, "data", "generate", dataset], check=True)
+
+
+def _parent_run(cfg, started: float):
+    """The newest top-level MLflow run of the pipeline's experiment started after ``started``."""
+    from mlflow.tracking import MlflowClient
+
+    from ldcq.tracking import resolve_uri
+
+    client = MlflowClient(resolve_uri(cfg.get("tracking_uri")))
+    experiment = client.get_experiment_by_name(cfg.name)
+    runs = []
+    if experiment is not None:
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"attributes.start_time >= {int(started * 1000)}",
+            order_by=["attributes.start_time DESC"],
+        )
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        raise ConfigError(
+            f"no MLflow run of pipeline {cfg.name!r} started by this command; bench-score reads "
+            f"the stage fingerprints and times from tracking, so do not pass --no-tracking"
+        )
+    return parents[0]
+
+
+def run_once(
+    pipeline: Path, scale: str, seed: int, selector: str, overrides: list[str], stages
+) -> dict[str, Any]:
+    """One ``ldcq pipeline run``; returns its evaluation metrics and per-stage wall times."""
+    from ldcq.pipeline import compose
+
+    run_overrides = [f"seed={seed}", f"evaluation.selector={selector}", *overrides]
+    cfg = compose(pipeline, run_overrides, scale=scale)
+    started = time.time()
+    cmd = [*_CLI, "pipeline", "run", str(pipeline), "--scale", scale, *run_overrides]
+    print(f"bench-score: {' '.join(cmd[2:])}", flush=True)
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise LdcqError(f"`{' '.join(cmd[2:])}` failed (exit code {done.returncode}); see above")
+    command_s = time.time() - started
+    parent = _parent_run(cfg, started)
+    root = Path(cfg.checkpoints_dir) / cfg.name
+    times = {}
+    for stage in stages:
+        path = root / f"{stage}-{parent.data.tags[f'fingerprint.{stage}']}"
+        cached = (path / "DONE").stat().st_mtime < started
+        times[stage] = None if cached else parent.data.metrics.get(f"time/{stage}_s")
+    evaluation = root / f"evaluation-{parent.data.tags['fingerprint.evaluation']}"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    missing = [k for k in SCORES if k not in metrics]
+    if missing:
+        raise ConfigError(f"{evaluation}/metrics.json lacks {missing}; the evaluation changed?")
+    return {
+        "seed": seed,
+        "selector": selector,
+        "command_s": command_s,
+        "stage_s": times,
+        "metrics": {k: float(metrics[k]) for k in SCORES},
+        "artifact": str(evaluation),
+    }
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def summarize(runs: list[dict], stages) -> list[dict[str, Any]]:
+    """Per selector: mean ± std over seeds of every score and of each timed (not cached) stage."""
+    rows = []
+    for selector in dict.fromkeys(r["selector"] for r in runs):
+        mine = [r for r in runs if r["selector"] == selector]
+        stage_s = {}
+        for stage in stages:
+            timed = [r["stage_s"][stage] for r in mine if r["stage_s"][stage] is not None]
+            stage_s[stage] = _mean_std(timed) if timed else None
+        rows.append(
+            {
+                "method": METHODS.get(selector, selector),
+                "selector": selector,
+                "seeds": [r["seed"] for r in mine],
+                "scores": {k: _mean_std([r["metrics"][k] for r in mine]) for k in SCORES},
+                "stage_s": stage_s,
+                "command_s": _mean_std([r["command_s"] for r in mine]),
+            }
+        )
+    return rows
+
+
+def print_summary(summary: list[dict], stages, title: str, console) -> None:
+    from rich.table import Table
+
+    def pm(v: dict[str, float] | None, digits: int = 2) -> str:
+        return "cached" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+
+    table = Table(title=title, title_justify="left")
+    for col in ("method", "seeds", "normalized score", "success rate", "return"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for stage in stages:
+        table.add_column(f"{stage} s", justify="right")
+    table.add_column("command s", justify="right")
+    for row in summary:
+        s = row["scores"]
+        table.add_row(
+            f"{row['method']} ({row['selector']})",
+            str(len(row["seeds"])),
+            pm(s["eval/normalized_score"]),
+            pm(s["eval/success_rate"]),
+            pm(s["eval/return_mean"], 1),
+            *(pm(row["stage_s"][stage], 0) for stage in stages),
+            pm(row["command_s"], 0),
+        )
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ldcq.bench.score",
+        description="Normalized score over seeds, LDCQ beside the BC baseline (make bench-score).",
+    )
+    p.add_argument("--pipeline", default="pipelines/pointmaze-umaze.yaml")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1")
+    p.add_argument("--scale", default="quick", choices=["quick", "cpu", "paper"])
+    p.add_argument(
+        "--selectors", default="q,vae-prior", help="evaluation.selector values, comma-separated"
+    )
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    from ldcq.pipeline import compose
+
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: keep the table's rows on one line
+        console = Console(width=150)
+    try:
+        stages = require_evaluation()
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+        pipeline = Path(args.pipeline)
+        cfg = compose(pipeline, args.overrides, scale=args.scale)
+        ensure_dataset(cfg.dataset)
+        selectors = [s for s in args.selectors.split(",") if s]
+        runs = [
+            run_once(pipeline, args.scale, seed, selector, args.overrides, stages)
+            for seed in range(args.seeds)
+            for selector in selectors
+        ]
+    except (LdcqError, subprocess.CalledProcessError) as exc:
+        print(f"ldcq bench-score: error: {exc}", file=sys.stderr)
+        return 2
+    summary = summarize(runs, stages)
+    now = datetime.now()
+    report = {
+        "meta": {
+            "date": now.isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "pipeline": str(pipeline),
+            "scale": args.scale,
+            "seeds": args.seeds,
+            "overrides": args.overrides,
+        },
+        "summary": summary,
+        "runs": runs,
+    }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{now:%Y-%m-%d-%H%M%S}-{socket.gethostname()}-score-{cfg.name}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    title = f"{cfg.name}, {args.scale} scale, seeds 0–{args.seeds - 1} (mean ± std over seeds)"
+    print_summary(summary, stages, title, console)
+    console.print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

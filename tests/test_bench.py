@@ -1,0 +1,112 @@
+"""The benchmarks at toy sizes: every section reports finite numbers (no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldcq.bench import score
+from ldcq.bench.perf import TRAINED, BenchConfig, run_bench
+from ldcq.bench.report import print_report, write_report
+from ldcq.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("meta", "peak", "train", "sampling", "bank", "q_learning", "latency")
+
+
+def _numbers(value, path="report"):
+    """Every (path, number) in a JSON tree; booleans are not numbers here."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield path, value
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: toy-sized ops gain nothing from two, and a second thread waiting on a
+    core that another process holds can make the test many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
+    from rich.console import Console
+
+    report = run_bench(BenchConfig.tiny(root=str(ROOT)))
+    path = write_report(report, tmp_path)
+    loaded = json.loads(path.read_text())
+
+    for section in (*SECTIONS, "projection", "slowest", "targets"):
+        assert section in loaded, section
+    assert [(r["family"], r["stage"]) for r in loaded["train"]] == [("maze2d", s) for s in TRAINED]
+    for row in loaded["train"]:
+        assert row["gflop_per_step"] > 0 and row["steps_per_s"] > 0
+    schedules = loaded["sampling"]["schedules"]
+    assert [(s["schedule"], s["configured"]) for s in schedules] == [
+        ("linear", True),
+        ("cosine", False),
+    ]
+    for schedule in schedules:
+        names = [r["name"] for r in schedule["samplers"]]
+        assert names == ["DDPM T=10+5", "DDIM 2", "DDIM 5"]
+    assert loaded["bank"]["bytes_per_sample"] == 32 and loaded["bank"]["memory_mapped"]
+    assert {(r["batch"], r["K"]) for r in loaded["q_learning"]["rows"]} == {(16, 4)}
+    assert [r["envs"] for r in loaded["latency"]["rows"]] == [1, 4]
+    assert loaded["slowest"]["ops"], "the profile of the slowest stage is empty"
+    assert all(isinstance(t["pass"], bool) for t in loaded["targets"][:4])
+    for section in SECTIONS[1:]:
+        entries = loaded[section] if isinstance(loaded[section], list) else [loaded[section]]
+        for entry in entries:
+            assert entry["memory"]["rss_peak_mb"] > 0
+    bad = [(p, v) for p, v in _numbers(loaded) if not math.isfinite(v)]
+    assert not bad, bad
+
+    console = Console(record=True, width=150)
+    print_report(loaded, console)
+    assert "Targets" in console.export_text()
+
+
+def test_bench_config_refuses_what_cannot_run():
+    with pytest.raises(ConfigError, match="16-mixed needs --device cuda"):
+        BenchConfig(precision="16-mixed").check()
+    with pytest.raises(ConfigError, match="valid families"):
+        BenchConfig(families=("kitchen",)).check()
+
+
+def test_bench_score_needs_the_evaluation_stage(monkeypatch):
+    import ldcq.pipeline
+
+    monkeypatch.setattr(ldcq.pipeline, "STAGES", ("skill_vae", "diffusion_prior"))
+    with pytest.raises(ConfigError, match="needs the pipeline's `evaluation` stage"):
+        score.require_evaluation()
+
+
+def test_bench_score_summary_keeps_cached_stages_out_of_the_times():
+    metrics = {"eval/normalized_score": 50.0, "eval/success_rate": 0.5, "eval/return_mean": 9.0}
+    runs = [
+        {
+            "seed": seed,
+            "selector": selector,
+            "command_s": 10.0,
+            "stage_s": {"skill_vae": None if selector == "vae-prior" else 4.0 + seed},
+            "metrics": {**metrics, "eval/normalized_score": 50.0 + 10 * seed},
+        }
+        for seed in range(2)
+        for selector in ("q", "vae-prior")
+    ]
+    q, bc = score.summarize(runs, ("skill_vae",))
+    assert (q["method"], bc["method"]) == ("LDCQ", "BC (VAE prior)")
+    assert q["scores"]["eval/normalized_score"] == pytest.approx({"mean": 55.0, "std": 7.0710678})
+    assert q["stage_s"]["skill_vae"] == pytest.approx({"mean": 4.5, "std": 0.7071068})
+    assert bc["stage_s"]["skill_vae"] is None

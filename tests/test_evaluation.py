@@ -120,3 +120,27 @@ def test_rollout_metrics_match_a_hand_computation():
     # normalized with the dataset's reference scores: 100 * (3 - 1) / (5 - 1)
     assert metrics["eval/normalized_score"] == pytest.approx(50.0)
     assert np.isnan(traj.positions[1, 4:]).all() and not np.isnan(traj.positions[1, :4]).any()
+
+
+def test_same_seed_gives_identical_evaluation_returns():
+    from ldcq.data import pointmaze
+    from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+    from ldcq.stages.latent_bcq import LatentBCQ
+    from ldcq.stages.skill_vae import SkillVAE
+
+    torch.manual_seed(0)
+    vae = SkillVAE(state_dim=4, action_dim=2, horizon=5, latent_dim=3, hidden_dim=8, gru_layers=1)
+    prior = LatentDiffusionPrior(
+        state_dim=4, latent_dim=3, hidden_dims=[8], time_embed_dim=8, state_embed_dim=8
+    )
+    q = LatentBCQ(state_dim=4, latent_dim=3, horizon=5, hidden_dim=8, latent_hidden=8)
+
+    def run(seed):
+        policy = LDCQPolicy(vae.eval(), prior.eval(), q.eval(), num_samples=4, seed=seed)
+        make_env = lambda: pointmaze.make_eval_env("pointmaze-umaze", max_episode_steps=30)  # noqa: E731
+        return evaluate(policy, make_env, episodes=3, num_envs=3, seed=seed)[1]
+
+    a, b, c = run(0), run(0), run(1)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.returns, b.returns)
+    assert not np.array_equal(a.positions, c.positions)

@@ -7,6 +7,11 @@ from collections.abc import Sequence
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
+
+# Tiny tensors gain nothing from a second thread, and on a 2-core machine shared with another job
+# two threads per process slow torch by 5-50x; DDP children set their own thread count.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

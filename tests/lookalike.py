@@ -120,28 +120,35 @@ def record_antmaze(
     ``achieved_goal (2)``, ``desired_goal (2)``, actions (8); the eval env is the same spec with
     the fixed r/g map and ``eval_steps`` steps. Returns the id."""
     import gymnasium_robotics
-    import minari
 
     gym.register_envs(gymnasium_robotics)
     env = gym.make("AntMaze_Large_Diverse_GR-v4", continuing_task=True, reset_target=False)
     try:
         buffers = _record(env, episodes, steps, seed, info_fn=_antmaze_info)
-        eval_spec = copy.deepcopy(env.spec)
-        eval_spec.kwargs["maze_map"] = _ANTMAZE_LARGE_EVAL_MAP
-        eval_spec.max_episode_steps = eval_steps
-        minari.create_dataset_from_buffers(
-            dataset_id,
-            buffers,
-            env=env,
-            eval_env=eval_spec,
-            algorithm_name="random (test look-alike)",
-            ref_min_score=0.0,
-            ref_max_score=1.0,
-            description="tiny look-alike of the D4RL antmaze dataset, recorded by a test",
-        )
+        _write(dataset_id, env, buffers, eval_steps, 1.0, "antmaze", _ANTMAZE_LARGE_EVAL_MAP)
     finally:
         env.close()
     return dataset_id
+
+
+def _write(dataset_id, env, buffers, eval_steps, ref_max, family, maze_map=None) -> None:
+    """Store the buffers with the env's spec and an eval spec cut to ``eval_steps`` steps."""
+    import minari
+
+    eval_spec = copy.deepcopy(env.spec)
+    eval_spec.max_episode_steps = eval_steps
+    if maze_map is not None:
+        eval_spec.kwargs["maze_map"] = maze_map
+    minari.create_dataset_from_buffers(
+        dataset_id,
+        buffers,
+        env=env,
+        eval_env=eval_spec,
+        algorithm_name="random (test look-alike)",
+        ref_min_score=0.0,
+        ref_max_score=ref_max,
+        description=f"tiny look-alike of the D4RL {family} dataset, recorded by a test",
+    )
 
 
 def record_kitchen(
@@ -157,7 +164,6 @@ def record_kitchen(
     actions (9); the eval env is the same spec with ``eval_steps`` steps. No infos (Kitchen's are
     ragged lists of task names). Returns the id."""
     import gymnasium_robotics
-    import minari
 
     gym.register_envs(gymnasium_robotics)
     variant = dataset_id.rsplit("/", 1)[-1].split("-")[0]
@@ -170,18 +176,7 @@ def record_kitchen(
     )
     try:
         buffers = _record(env, episodes, steps, seed)
-        eval_spec = copy.deepcopy(env.spec)
-        eval_spec.max_episode_steps = eval_steps
-        minari.create_dataset_from_buffers(
-            dataset_id,
-            buffers,
-            env=env,
-            eval_env=eval_spec,
-            algorithm_name="random (test look-alike)",
-            ref_min_score=0.0,
-            ref_max_score=4.0,
-            description="tiny look-alike of the D4RL kitchen dataset, recorded by a test",
-        )
+        _write(dataset_id, env, buffers, eval_steps, 4.0, "kitchen")
     finally:
         env.close()
     return dataset_id

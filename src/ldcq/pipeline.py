@@ -36,6 +36,9 @@ UPSTREAM = {
     "latent_bcq": ("skill_vae", "latent_bank"),
     "evaluation": ("skill_vae", "diffusion_prior", "latent_bcq"),
 }
+# The bank holds samples at latent_bcq's transitions: these latent_bcq.data keys choose them, so
+# they are part of the bank's identity.
+_BANK_TRANSITION_KEYS = ("dataset", "stride", "obs_keys")
 # Trainer keys that decide where and how fast a stage runs, not what it learns.
 _RUN_ONLY_KEYS = {
     "accelerator",
@@ -171,6 +174,9 @@ class Context:
             "dataset": self.dataset,
             "upstream": list(upstream),
         }
+        if stage == "latent_bank":
+            data = self.stage_cfg("latent_bcq")["data"]
+            payload["transitions"] = {k: data.get(k) for k in _BANK_TRANSITION_KEYS}
         return fingerprint(payload)
 
 

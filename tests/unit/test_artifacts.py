@@ -104,3 +104,23 @@ def test_finished_artifact_is_never_overwritten(tmp_path):
 def test_fingerprint_ignores_key_order():
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+@pytest.mark.parametrize(
+    "override", ["latent_bcq.data.stride=3", "obs_keys=[observation,desired_goal]"]
+)
+def test_bank_fingerprint_follows_the_transitions_it_is_drawn_at(tmp_path, override):
+    from pathlib import Path
+
+    from ldcq.pipeline import Context, compose
+
+    pipeline = Path(__file__).parents[2] / "pipelines" / "pointmaze-umaze.yaml"
+
+    def fingerprints(*overrides):
+        ctx = Context(compose(pipeline, list(overrides), scale="quick"), tmp_path, None, None)
+        return {s: ctx.fingerprint(s, ["up"]) for s in ("diffusion_prior", "latent_bank")}
+
+    base, changed = fingerprints(), fingerprints(override)
+    assert changed["latent_bank"] != base["latent_bank"]
+    if override.startswith("latent_bcq"):  # a latent_bcq key leaves the earlier stages alone
+        assert changed["diffusion_prior"] == base["diffusion_prior"]

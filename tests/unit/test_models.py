@@ -296,3 +296,24 @@ def test_trained_prior_samples_both_modes(
         assert 0.3 < (along > 0).float().mean() < 0.7
         assert ((along.abs() - 2).abs() < 0.5).float().mean() > 0.9
         assert (across.abs() < 0.5).float().mean() > 0.9
+
+
+def test_prior_samples_in_chunks_on_cpu_with_the_same_shapes_and_seeding(monkeypatch):
+    from ldcq.stages import diffusion_prior
+    from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+
+    torch.manual_seed(0)
+    prior = LatentDiffusionPrior(
+        state_dim=4, latent_dim=3, hidden_dims=[8], time_embed_dim=8, state_embed_dim=8
+    ).eval()
+    states = torch.randn(7, 4)
+
+    def draw(rows):
+        monkeypatch.setattr(diffusion_prior, "CPU_SAMPLE_ROWS", rows)
+        return prior.sample(states, 5, generator=torch.Generator().manual_seed(1))
+
+    whole, chunked = draw(10_000), draw(10)  # one call vs chunks of 2 states
+    assert whole.shape == chunked.shape == (7, 5, 3)
+    assert torch.isfinite(chunked).all()
+    torch.testing.assert_close(chunked, draw(10))
+    assert prior.sample(states[:0], 5).shape == (0, 5, 3)

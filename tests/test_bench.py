@@ -93,6 +93,8 @@ def test_bench_score_needs_the_evaluation_stage(monkeypatch):
 
 
 def test_bench_score_summary_keeps_cached_stages_out_of_the_times():
+    from rich.console import Console
+
     metrics = {"eval/normalized_score": 50.0, "eval/success_rate": 0.5, "eval/return_mean": 9.0}
     runs = [
         {
@@ -100,7 +102,8 @@ def test_bench_score_summary_keeps_cached_stages_out_of_the_times():
             "selector": selector,
             "command_s": 10.0,
             "stage_s": {"skill_vae": None if selector == "vae-prior" else 4.0 + seed},
-            "metrics": {**metrics, "eval/normalized_score": 50.0 + 10 * seed},
+            "metrics": {**metrics, "eval/normalized_score": 50.0 + 10 * seed}
+            | ({"eval/first_hit_normalized": 100.0 + seed} if selector == "q" or seed else {}),
         }
         for seed in range(2)
         for selector in ("q", "vae-prior")
@@ -110,3 +113,10 @@ def test_bench_score_summary_keeps_cached_stages_out_of_the_times():
     assert q["scores"]["eval/normalized_score"] == pytest.approx({"mean": 55.0, "std": 7.0710678})
     assert q["stage_s"]["skill_vae"] == pytest.approx({"mean": 4.5, "std": 0.7071068})
     assert bc["stage_s"]["skill_vae"] is None
+    # an extra score counts only when every seed's evaluation has it
+    assert q["scores"]["eval/first_hit_normalized"]["mean"] == pytest.approx(100.5)
+    assert "eval/first_hit_normalized" not in bc["scores"]
+    console = Console(record=True, width=200)
+    score.print_summary([q, bc], ("skill_vae",), "umaze", console)
+    text = console.export_text()
+    assert "100.5 ± 0.7" in text and "n/a" in text and "BC (VAE prior) (vae-prior)" in text

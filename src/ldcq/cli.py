@@ -67,13 +67,15 @@ def _print_summary(cfg, results) -> None:
         ):
             scores.add_column(col, justify="right")
         normalized = m.get("eval/normalized_score")
+        first_hit_norm = m.get("eval/first_hit_normalized")
         scores.add_row(
             "n/a (no reference scores)"
             if normalized is None
             else f"{normalized:.1f} ± {m['eval/normalized_score_std']:.1f}",
             f"{100 * m['eval/success_rate']:.0f} %",
             f"{m['eval/return_mean']:.1f} ± {m['eval/return_std']:.1f}",
-            f"{m['eval/first_hit_score']:.1f}",
+            f"{m['eval/first_hit_score']:.1f}"
+            + (f" ({first_hit_norm:.1f} normalized)" if first_hit_norm is not None else ""),
         )
         console.print(scores)
         console.print(f"pictures and rollouts: {results['evaluation'].artifact.path}")

@@ -28,6 +28,8 @@ from ldcq.errors import ConfigError, LdcqError
 
 METHODS = {"q": "LDCQ", "prior": "diffusion prior, no Q", "vae-prior": "BC (VAE prior)"}
 SCORES = ("eval/normalized_score", "eval/success_rate", "eval/return_mean")
+# Reported when the evaluation has it (the official maze2d first-hit score, normalized).
+EXTRA_SCORES = ("eval/first_hit_normalized",)
 _CLI = [sys.executable, "-m", "ldcq.cli"]
 
 
@@ -107,7 +109,7 @@ def run_once(
         "selector": selector,
         "command_s": command_s,
         "stage_s": times,
-        "metrics": {k: float(metrics[k]) for k in SCORES},
+        "metrics": {k: float(metrics[k]) for k in (*SCORES, *EXTRA_SCORES) if k in metrics},
         "artifact": str(evaluation),
     }
 
@@ -131,7 +133,11 @@ def summarize(runs: list[dict], stages) -> list[dict[str, Any]]:
                 "method": METHODS.get(selector, selector),
                 "selector": selector,
                 "seeds": [r["seed"] for r in mine],
-                "scores": {k: _mean_std([r["metrics"][k] for r in mine]) for k in SCORES},
+                "scores": {
+                    k: _mean_std([r["metrics"][k] for r in mine])
+                    for k in (*SCORES, *EXTRA_SCORES)
+                    if all(k in r["metrics"] for r in mine)
+                },
                 "stage_s": stage_s,
                 "command_s": _mean_std([r["command_s"] for r in mine]),
             }
@@ -142,12 +148,13 @@ def summarize(runs: list[dict], stages) -> list[dict[str, Any]]:
 def print_summary(summary: list[dict], stages, title: str, console) -> None:
     from rich.table import Table
 
-    def pm(v: dict[str, float] | None, digits: int = 2) -> str:
-        return "cached" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+    def pm(v: dict[str, float] | None, digits: int = 2, missing: str = "cached") -> str:
+        return missing if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
 
     table = Table(title=title, title_justify="left")
-    for col in ("method", "seeds", "normalized score", "success rate", "return"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table.add_column("method", no_wrap=True)
+    for col in ("seeds", "normalized score", "success rate", "return", "first-hit normalized"):
+        table.add_column(col, justify="right")
     for stage in stages:
         table.add_column(f"{stage} s", justify="right")
     table.add_column("command s", justify="right")
@@ -159,6 +166,7 @@ def print_summary(summary: list[dict], stages, title: str, console) -> None:
             pm(s["eval/normalized_score"]),
             pm(s["eval/success_rate"]),
             pm(s["eval/return_mean"], 1),
+            pm(s.get("eval/first_hit_normalized"), 1, missing="n/a"),
             *(pm(row["stage_s"][stage], 0) for stage in stages),
             pm(row["command_s"], 0),
         )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
+import warnings
 
 from ldcq.errors import ConfigError, LdcqError
 
@@ -327,8 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def _drop_library_notices() -> None:
+    """Hide two Lightning notices that say nothing about the run: its advert for a cloud logger,
+    and a deprecation that the pinned torch raises inside Lightning's own code."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _drop_library_notices()
     try:
         if argv and argv[0] in STAGE_COMMANDS:
             run_stage_cli(argv[0], argv[1:])

@@ -77,6 +77,19 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
     assert "Targets" in console.export_text()
 
 
+def test_bank_rate_is_timed_on_the_whole_bank(monkeypatch, one_thread):
+    # The per-batch-size timings after it once overwrote the bank's own time (4x too fast a rate).
+    from ldcq.bench import perf
+
+    monkeypatch.setattr(perf, "best_time", lambda *args, **kwargs: 1e6)
+    bank = perf.section_bank(BenchConfig.tiny(root=str(ROOT)))
+    assert bank["seconds"] < 1e6
+    assert bank["latents_per_s"] == pytest.approx(bank["transitions"] * bank["K"] / bank["seconds"])
+    assert set(bank["sample_latents_per_s_by_rows"].values()) == {
+        int(r) * bank["K"] / 1e6 for r in bank["sample_latents_per_s_by_rows"]
+    }
+
+
 def test_bench_config_refuses_what_cannot_run():
     with pytest.raises(ConfigError, match="16-mixed needs --device cuda"):
         BenchConfig(precision="16-mixed").check()

@@ -653,8 +653,10 @@ def section_bank(cfg: BenchConfig) -> dict[str, Any]:
     settings = {k: kwargs[k] for k in ("sampler", "sampling_steps", "extra_steps")}
     by_rows = {}
     for rows in sorted({r for r in (16, 64, 256, kwargs["batch_size"]) if r <= n}):
-        seconds = best_time(lambda r=rows: prior.sample(states[:r], k, **settings), cfg, repeats=2)
-        by_rows[str(rows)] = rows * k / seconds
+        rows_seconds = best_time(
+            lambda r=rows: prior.sample(states[:r], k, **settings), cfg, repeats=2
+        )
+        by_rows[str(rows)] = rows * k / rows_seconds
     return {
         "family": fam.name,
         "transitions": n,

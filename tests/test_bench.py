@@ -62,6 +62,7 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
         assert names == ["DDPM T=10+5", "DDIM 2", "DDIM 5"]
     assert loaded["bank"]["bytes_per_sample"] == 32 and loaded["bank"]["memory_mapped"]
     assert {(r["batch"], r["K"]) for r in loaded["q_learning"]["rows"]} == {(16, 4)}
+    assert all(r["replay_ms_per_update"] > 0 for r in loaded["q_learning"]["rows"])
     assert [r["envs"] for r in loaded["latency"]["rows"]] == [1, 4]
     assert loaded["slowest"]["ops"], "the profile of the slowest stage is empty"
     assert all(isinstance(t["pass"], bool) for t in loaded["targets"][:4])

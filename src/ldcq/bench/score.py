@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     console = Console()
-    if not console.is_terminal:  # piped or redirected: keep the table's rows on one line
-        console = Console(width=150)
+    if not console.is_terminal:  # piped or redirected: keep the table's 12 columns on one line
+        console = Console(width=200)
     try:
         stages = require_evaluation()
         if args.seeds < 1:

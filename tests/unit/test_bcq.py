@@ -191,6 +191,17 @@ def test_importance_weights_and_beta_schedule():
     assert replay.beta == 1.0
 
 
+def test_replay_draw_is_sample_without_the_weights():
+    a, b = PrioritizedReplay(20, seed=3), PrioritizedReplay(20, seed=3)
+    for r in (a, b):
+        r.add(20)
+        r.update(np.arange(5), np.linspace(0.5, 4.0, 5))
+    index, weights = a.sample(16)
+    np.testing.assert_array_equal(b.draw(16), index)
+    assert a.calls == b.calls == 1
+    np.testing.assert_array_equal(b.weights(index), weights)
+
+
 def test_replay_state_round_trips():
     replay = PrioritizedReplay(6, seed=0)
     replay.add(6)

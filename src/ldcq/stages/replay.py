@@ -148,12 +148,16 @@ class PrioritizedReplay:
             self.max_priority = max(self.max_priority, float(priorities.max()))
         self.tree.set(indices, (priorities + self.eps) ** self.alpha)
 
-    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Draw ``batch_size`` indices i.i.d. ∝ p^α: ``(indices (B,) int64, is_weights (B,) float32)``."""
+    def draw(self, batch_size: int) -> np.ndarray:
+        """Draw ``batch_size`` indices i.i.d. ∝ p^α: ``(B,)`` int64; one step of the β schedule."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay")
         self.calls += 1
-        indices = self.tree.find(self.rng.random(batch_size) * self.tree.total)
+        return self.tree.find(self.rng.random(batch_size) * self.tree.total)
+
+    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`draw` and the draws' :meth:`weights`: ``(indices (B,), is_weights (B,))``."""
+        indices = self.draw(batch_size)
         return indices, self.weights(indices)
 
     def weights(self, indices: np.ndarray) -> np.ndarray:
@@ -215,7 +219,8 @@ class PrioritizedBatchSampler(_BatchSampler):
         self.replay = replay
 
     def draw(self) -> np.ndarray:
-        return self.replay.sample(self.batch_size)[0]
+        # Indices only: the dataset weighs each batch when it gathers it.
+        return self.replay.draw(self.batch_size)
 
 
 class UniformBatchSampler(_BatchSampler):

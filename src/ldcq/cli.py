@@ -333,7 +333,7 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
 
-def _drop_library_notices() -> None:
+def drop_library_notices() -> None:
     """Hide two Lightning notices that say nothing about the run: its advert for a cloud logger,
     and a deprecation that the pinned torch raises inside Lightning's own code."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
@@ -342,7 +342,7 @@ def _drop_library_notices() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _drop_library_notices()
+    drop_library_notices()
     try:
         if argv and argv[0] in STAGE_COMMANDS:
             run_stage_cli(argv[0], argv[1:])

@@ -68,6 +68,7 @@ from ldcq.bench.synthetic import (
     transitions,
     write_bank,
 )
+from ldcq.cli import drop_library_notices
 from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError, LdcqError
 from ldcq.models import ddim_timesteps
@@ -254,12 +255,12 @@ def load_family(cfg: BenchConfig, name: str) -> Family:
 
 def _quiet() -> None:
     """Silence Lightning's banners and the warnings a synthetic loader triggers."""
+    drop_library_notices()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def _autocast(cfg: BenchConfig):
@@ -415,11 +416,7 @@ def bcq_datamodule(
     n = len(data["states"])
     replay = None
     if prioritized:
-        d = fam.cfg.latent_bcq.data
-        replay = PrioritizedReplay(
-            n, alpha=float(d.per_alpha), beta_start=float(d.per_beta_start), seed=seed
-        )
-        replay.add(n)
+        replay = full_replay(fam, n, seed)
         sampler = PrioritizedBatchSampler(replay, batch, total)
     else:
         sampler = UniformBatchSampler(n, batch, total, seed=seed)
@@ -678,21 +675,27 @@ def section_bank(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def replay_seconds_per_update(
-    fam: Family, n: int, batch: int, seed: int, calls: int = 200
-) -> float:
-    """Seconds of the prioritized replay's own work per update, alone: draw a batch, weigh it,
-    write its new priorities back."""
+def full_replay(fam: Family, n: int, seed: int) -> PrioritizedReplay:
+    """A prioritized replay over ``n`` transitions with the family's α and β, every entry added."""
     d = fam.cfg.latent_bcq.data
     replay = PrioritizedReplay(
         n, alpha=float(d.per_alpha), beta_start=float(d.per_beta_start), seed=seed
     )
     replay.add(n)
+    return replay
+
+
+def replay_seconds_per_update(
+    fam: Family, n: int, batch: int, seed: int, calls: int = 200
+) -> float:
+    """Seconds of the prioritized replay's own work per update, alone, as training does it: draw
+    a batch, weigh it, write its new priorities back."""
+    replay = full_replay(fam, n, seed)
     priorities = np.random.default_rng(seed).random((calls, batch))
 
     def updates() -> None:
         for p in priorities:
-            index, _ = replay.sample(batch)
+            index = replay.draw(batch)
             replay.weights(index)
             replay.update(index, p)
 

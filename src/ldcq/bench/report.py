@@ -35,7 +35,7 @@ def targets(report: dict) -> list[dict[str, Any]]:
             # that work, timed alone, is the cost; whole runs swing by ±20 % between runs here.
             "result": f"the replay's own work: worst {100 * worst['replay_share']:.1f} % of a "
             f"uniform update (B={worst['batch']}, K={worst['K']}); whole runs, best of "
-            f"{report['q_learning'].get('rounds', 1)}: worst "
+            f"{report['q_learning']['rounds']}: worst "
             f"{100 * worst_run['prioritized_cost']:+.1f} % (B={worst_run['batch']}, "
             f"K={worst_run['K']})",
             "pass": worst["replay_share"] <= 0.20,

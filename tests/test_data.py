@@ -9,10 +9,11 @@ import torch
 from conftest import random_episode, write_dataset
 
 from ldcq.data import minari_io
+from ldcq.data.batches import EpochOrder
 from ldcq.data.datamodules import TrajectorySnippetDataModule
 from ldcq.data.minari_io import episodes_from_dicts, read_episodes
 from ldcq.data.windows import make_windows, split_episodes
-from ldcq.errors import DatasetError
+from ldcq.errors import ConfigError, DatasetError
 
 
 def hand_episodes(lengths, terminal_last=None):
@@ -87,7 +88,7 @@ def test_datamodule_split_leaks_nothing(minari_root):
     val_rows = dm.val_set.state_starts[:, None] + torch.arange(6)
     assert set(episode_of_row[train_rows.numpy()].ravel()) == set(train_eps)
     assert set(episode_of_row[val_rows.numpy()].ravel()) == set(val_eps)
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.draw_batch(0, rank=0, world_size=1)
     assert batch["states"].shape == (8, 6, 4) and batch["actions"].shape == (8, 5, 2)
     assert batch["states"].dtype == torch.float32
     # normalizer statistics come from the training episodes only
@@ -143,3 +144,26 @@ def test_episodes_shorter_than_horizon(minari_root):
     dm = TrajectorySnippetDataModule("test/short-v0", horizon=10, val_fraction=0.0)
     with pytest.raises(DatasetError, match="at least 11 states"):
         dm.setup("fit")
+
+
+def test_epoch_order_is_a_seeded_permutation_per_epoch_shared_by_ranks():
+    order = EpochOrder(num_rows=50, batch_size=8, seed=3)
+    assert order.per_epoch(1) == 6 and order.per_epoch(2) == 3
+    epoch0 = torch.cat([order.rows(n, 0, 1) for n in range(6)])
+    assert len(set(epoch0.tolist())) == 48  # one pass without repeats, 2 rows dropped
+    epoch1 = torch.cat([order.rows(n, 0, 1) for n in range(6, 12)])
+    assert not torch.equal(epoch0, epoch1)
+    # a function of (seed, n) only: the same rows in any order of calls, in another instance
+    again = EpochOrder(50, 8, seed=3)
+    assert torch.equal(again.rows(7, 0, 1), order.rows(7, 0, 1))
+    assert torch.equal(again.rows(2, 0, 1), epoch0[16:24])
+    assert not torch.equal(EpochOrder(50, 8, seed=4).rows(0, 0, 1), epoch0[:8])
+    # two ranks share the epoch's permutation without overlap
+    ranks = [torch.cat([order.rows(n, r, 2) for n in range(3)]) for r in (0, 1)]
+    assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    assert len(torch.cat(ranks)) == 48
+
+
+def test_epoch_order_refuses_more_ranks_than_rows():
+    with pytest.raises(ConfigError, match="cannot be shared by 4 ranks"):
+        EpochOrder(3, 8, seed=0).per_epoch(4)

@@ -194,10 +194,6 @@ def _log(msg: str) -> None:
         Console(stderr=True).print(f"[bold cyan]ldcq[/] {msg}")
 
 
-def _metrics(trainer: L.Trainer) -> dict[str, float]:
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
 def _fit_stage(
     ctx: Context,
     stage: str,
@@ -209,8 +205,8 @@ def _fit_stage(
 ) -> tuple[Artifact, bool]:
     """Train one stage (resuming from ``last.ckpt``) and write its artifact; skip it if done."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from ldcq.stages.checkpointing import ResumableCheckpoint
     from ldcq.stages.guards import FiniteLossGuard
 
     final = ctx.root / f"{stage}-{fp}"
@@ -226,15 +222,13 @@ def _fit_stage(
             stage, {"stage": stage, "fingerprint": fp, "dataset": ctx.dataset["id"]}, ctx.parent_run
         )
         ctx.tracker.log_params(run_id, ctx.stage_cfg(stage))
+    checkpoint = ResumableCheckpoint(work, every, stage, say=_log)
     try:
         trainer = L.Trainer(
             **kwargs,
             default_root_dir=work,
             logger=ctx.tracker.logger(run_id) if ctx.tracker is not None else False,
-            callbacks=[
-                FiniteLossGuard(stage),
-                ModelCheckpoint(dirpath=work, save_last=True, every_n_train_steps=every),
-            ],
+            callbacks=[FiniteLossGuard(stage), checkpoint],
             enable_model_summary=False,
         )
     except (TypeError, ValueError, MisconfigurationException) as exc:
@@ -253,13 +247,12 @@ def _fit_stage(
         ckpt_path=str(last) if resumed_from is not None else None,
         weights_only=True,  # last.ckpt is read as data; a file that pickles code is refused
     )
-    metrics = _metrics(trainer)
     if trainer.is_global_zero:
         artifact = export_artifact(
             final,
             stage,
             model,
-            metrics,
+            checkpoint.metrics,
             OmegaConf.to_yaml(ctx.cfg[stage]),
             {
                 "fingerprint": fp,
@@ -270,6 +263,9 @@ def _fit_stage(
                 "config_hash": fingerprint(ctx.stage_cfg(stage)),
                 "pipeline": ctx.cfg.name,
                 "resumed_from_step": resumed_from,
+                # Every resume of this stage: from which step, and whether it was exact.
+                "resumes": checkpoint.resumes,
+                "resume_exact": checkpoint.exact,
                 "global_step": trainer.global_step,
             },
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -13,41 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import PIPELINE, UP_TO_BCQ, pipeline_root, tiny_dataset, tiny_overrides
+from tiny import (
+    PIPELINE,
+    UP_TO_BCQ,
+    kill,
+    pipeline_root,
+    start_cli,
+    tiny_dataset,
+    tiny_overrides,
+    wait_for,
+)
 
 from ldcq.artifacts import load_modules, read_artifact
 from ldcq.cli import main
 from ldcq.locking import LockError, RunLock
 from ldcq.pipeline import compose, run_pipeline
 
-SLOW_CLI = Path(__file__).with_name("slow_cli.py")
 N_ROWS = 6 * (30 - 4 + 1)  # transitions of the tiny dataset at H = 4, stride 1
-
-
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}")
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def _start(args: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.Popen, Path]:
-    log = tmp_path / f"run-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, str(SLOW_CLI), "pipeline", "run", str(PIPELINE), *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **env}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, log
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 def test_sigkill_in_the_bank_then_in_latent_bcq_resumes_each_and_redoes_nothing(
@@ -65,9 +46,9 @@ def test_sigkill_in_the_bank_then_in_latent_bcq_resumes_each_and_redoes_nothing(
     chunk_files = lambda: list(root.glob(".work/latent_bank-*/chunks/*/*.idx.npy"))  # noqa: E731
 
     # 1. killed while the bank is being sampled, after a few chunks
-    proc, _ = _start(args, tmp_path, LDCQ_TEST_CHUNK_DELAY="0.5")
-    _wait_for(lambda: len(chunk_files()) >= 2, proc, "two bank chunks")
-    _kill(proc)
+    proc, _ = start_cli(args, tmp_path, LDCQ_TEST_CHUNK_DELAY="0.5")
+    wait_for(lambda: len(chunk_files()) >= 2, proc, "two bank chunks")
+    kill(proc)
     finished = {p.parent.name.split("-")[0]: p.stat().st_mtime_ns for p in root.glob("*/DONE")}
     assert set(finished) == {"skill_vae", "diffusion_prior"}
     before = set(np.concatenate([np.load(f) for f in chunk_files()]).tolist())
@@ -75,9 +56,11 @@ def test_sigkill_in_the_bank_then_in_latent_bcq_resumes_each_and_redoes_nothing(
 
     # 2. rerun: the bank samples only the rows no chunk holds; killed inside latent_bcq
     rows_log = tmp_path / "rows.txt"
-    proc, log = _start(args, tmp_path, LDCQ_TEST_STEP_DELAY="0.1", LDCQ_TEST_ROWS_LOG=str(rows_log))
-    _wait_for(lambda: list(root.glob(".work/latent_bcq-*/last.ckpt")), proc, "a bcq checkpoint")
-    _kill(proc)
+    proc, log = start_cli(
+        args, tmp_path, LDCQ_TEST_STEP_DELAY="0.1", LDCQ_TEST_ROWS_LOG=str(rows_log)
+    )
+    wait_for(lambda: list(root.glob(".work/latent_bcq-*/last.ckpt")), proc, "a bcq checkpoint")
+    kill(proc)
     text = log.read_text()
     for stage in ("skill_vae", "diffusion_prior"):
         assert f"{stage}: finished earlier, skipping" in text
@@ -179,7 +162,7 @@ def test_a_second_run_on_the_same_checkpoints_folder_fails_at_once(minari_root, 
         with pytest.raises(LockError, match=f"pid {holder.pid}"):
             RunLock(root).acquire()
     finally:
-        _kill(holder)
+        kill(holder)
 
     # the holder died without releasing: its lock file is left, and blocks nothing
     assert (root / ".lock").read_text()
@@ -196,4 +179,4 @@ def test_the_lock_is_released_after_a_failed_run(minari_root, tmp_path):
         run_pipeline(bad, stages=["skill_vae"], track=False)
     # another process can take it at once
     holder = _hold_lock(root)
-    _kill(holder)
+    kill(holder)

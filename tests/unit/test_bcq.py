@@ -15,13 +15,8 @@ from ldcq.stages.bank import (
     plan_blocks,
     write_chunk,
 )
-from ldcq.stages.latent_bcq import LatentBCQ, q_target
-from ldcq.stages.replay import (
-    PrioritizedBatchSampler,
-    PrioritizedReplay,
-    SumTree,
-    UniformBatchSampler,
-)
+from ldcq.stages.latent_bcq import LatentBCQ, draw_transitions, q_target
+from ldcq.stages.replay import PrioritizedReplay, SumTree
 
 S, Z, K = 3, 2, 4
 
@@ -214,18 +209,30 @@ def test_replay_state_round_trips():
     assert (other.calls, other.max_priority) == (replay.calls, replay.max_priority)
 
 
-def test_batch_samplers_are_seeded_and_sized():
-    a = list(UniformBatchSampler(50, 8, num_batches=3, seed=(1, 0)))
-    b = list(UniformBatchSampler(50, 8, num_batches=3, seed=(1, 0)))
-    c = list(UniformBatchSampler(50, 8, num_batches=3, seed=(1, 1)))
-    assert a == b and a != c and len(a) == 3 and all(len(x) == 8 for x in a)
-    replay = PrioritizedReplay(50, seed=0)
-    replay.add(50)
-    sampler = PrioritizedBatchSampler(replay, 8)
-    it = iter(sampler)
-    batches = [next(it) for _ in range(100)]  # infinite: keeps yielding
-    assert all(len(x) == 8 and max(x) < 50 for x in batches)
-    assert len(PrioritizedBatchSampler(replay, 8, num_batches=7)) == 7
+def test_transition_draws_are_functions_of_their_rng():
+    n = 50
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "states": torch.randn(n, S, generator=g),
+        "latents": torch.randn(n, Z, generator=g),
+        "rewards": torch.rand(n, generator=g),
+        "next_states": torch.randn(n, S, generator=g),
+        "dones": torch.zeros(n),
+    }
+    bank = np.random.default_rng(0).standard_normal((n, K, Z)).astype(np.float16)
+    a = draw_transitions(tensors, bank, 8, np.random.default_rng((1, 0, 5)))
+    b = draw_transitions(tensors, bank, 8, np.random.default_rng((1, 0, 5)))
+    c = draw_transitions(tensors, bank, 8, np.random.default_rng((1, 1, 5)))
+    assert torch.equal(a["index"], b["index"]) and not torch.equal(a["index"], c["index"])
+    assert a["bank"].shape == (8, K, Z) and a["bank"].dtype == torch.float32
+    assert torch.equal(a["states"], tensors["states"][a["index"]])
+    assert torch.equal(a["weights"], torch.ones(8))
+    replay = PrioritizedReplay(n, seed=0)
+    replay.add(n)
+    replay.update(np.arange(n), np.linspace(0.1, 5.0, n))
+    p = draw_transitions(tensors, bank, 8, np.random.default_rng(2), replay)
+    assert replay.calls == 1 and p["weights"].max() == 1.0
+    np.testing.assert_array_equal(p["weights"].numpy(), replay.weights(p["index"].numpy()))
 
 
 def test_missing_rows_and_aligned_blocks(tmp_path):

@@ -75,8 +75,8 @@ from ldcq.models import ddim_timesteps
 from ldcq.pipeline import compose
 from ldcq.stages.bank import generate_bank, open_bank
 from ldcq.stages.diffusion_prior import LatentDiffusionPrior
-from ldcq.stages.latent_bcq import LatentBCQ, TransitionBatches
-from ldcq.stages.replay import PrioritizedBatchSampler, PrioritizedReplay, UniformBatchSampler
+from ldcq.stages.latent_bcq import LatentBCQ, draw_transitions
+from ldcq.stages.replay import PrioritizedReplay
 from ldcq.stages.skill_vae import SkillVAE
 
 # family -> (pipeline composed for its config, dims of its datasets' observation fields, A).
@@ -411,19 +411,15 @@ def bcq_datamodule(
     total: int,
     seed: int,
 ) -> SyntheticDataModule:
-    """The real transition batches (contiguous tensors, memory-mapped bank, uniform or
-    prioritized sampler) behind a synthetic DataModule."""
-    n = len(data["states"])
-    replay = None
-    if prioritized:
-        replay = full_replay(fam, n, seed)
-        sampler = PrioritizedBatchSampler(replay, batch, total)
-    else:
-        sampler = UniformBatchSampler(n, batch, total, seed=seed)
+    """The real transition draws (contiguous tensors, memory-mapped bank, uniform or prioritized)
+    behind a synthetic DataModule."""
+    replay = full_replay(fam, len(data["states"]), seed) if prioritized else None
     normalizer = Normalizer(fam.S).fit(torch.cat([data["states"], data["next_states"]]))
-    return SyntheticDataModule(
-        TransitionBatches(data, bank, sampler, replay), state_normalizer=normalizer, replay=replay
-    )
+
+    def draw(i: int) -> dict[str, Tensor]:
+        return draw_transitions(data, bank, batch, np.random.default_rng((seed, i)), replay)
+
+    return SyntheticDataModule(draw, total, state_normalizer=normalizer, replay=replay)
 
 
 # ---------------------------------------------------------------------------------- sections

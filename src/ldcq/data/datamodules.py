@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldcq.data.batches import EpochOrder, StepDrawnBatches
 from ldcq.data.minari_io import EpisodeArrays, canonical_id, datasets_root, read_episodes
 from ldcq.data.normalizer import Normalizer
 from ldcq.data.windows import Windows, make_windows, split_episodes
@@ -62,8 +62,11 @@ class SnippetDataset(Dataset):
         return {k: v[0] for k, v in batch.items()}
 
 
-class TrajectorySnippetDataModule(L.LightningDataModule):
+class TrajectorySnippetDataModule(StepDrawnBatches):
     """Trajectory snippets for the skill VAE: batches of ``states (B, H+1, S)``, ``actions (B, H, A)``.
+
+    Training batches are drawn at their step (:mod:`ldcq.data.batches`): one pass over a fresh
+    permutation of the training windows per epoch, seeded by ``(seed, epoch)``.
 
     Args:
         dataset: a Minari dataset id, or the short name of a dataset this project generates.
@@ -71,9 +74,8 @@ class TrajectorySnippetDataModule(L.LightningDataModule):
         stride: step between consecutive window starts within an episode.
         batch_size: B.
         val_fraction: share of *episodes* held out for validation (split by episode, seeded).
-        seed: seed of the split.
+        seed: seed of the split and of the batch order.
         obs_keys: fields of a dict observation concatenated into the state.
-        num_workers: DataLoader workers (0 = gather in the main process, fastest for small data).
     """
 
     def __init__(
@@ -85,7 +87,6 @@ class TrajectorySnippetDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         obs_keys: list[str] | None = None,
-        num_workers: int = 0,
     ) -> None:
         super().__init__()
         if horizon < 1:
@@ -102,6 +103,7 @@ class TrajectorySnippetDataModule(L.LightningDataModule):
         self.train_set: SnippetDataset | None = None
         self.val_set: SnippetDataset | None = None
         self.state_normalizer: Normalizer | None = None
+        self.order: EpochOrder | None = None
 
     @property
     def episodes(self) -> EpisodeArrays:
@@ -133,6 +135,7 @@ class TrajectorySnippetDataModule(L.LightningDataModule):
         actions = torch.from_numpy(episodes.actions)
         train_windows = make_windows(episodes, h, stride, episode_subset=train_eps)
         self.train_set = SnippetDataset(observations, actions, train_windows)
+        self.order = EpochOrder(len(self.train_set), self.hparams.batch_size, self.hparams.seed)
         if len(val_eps):
             val_windows = make_windows(episodes, h, stride, episode_subset=val_eps)
             self.val_set = SnippetDataset(observations, actions, val_windows)
@@ -141,19 +144,15 @@ class TrajectorySnippetDataModule(L.LightningDataModule):
         )
         self.state_normalizer = Normalizer(episodes.state_dim).fit(observations[train_state_rows])
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-            collate_fn=collate_batch,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+    def batches_per_epoch(self, world_size: int) -> int:
+        return self.order.per_epoch(world_size)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def draw_batch(self, n: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        return self.train_set.__getitems__(self.order.rows(n, rank, world_size))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+        if self.val_set is None:
+            return []
+        return DataLoader(
+            self.val_set, batch_size=self.hparams.batch_size, collate_fn=collate_batch
+        )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 
+from ldcq.data.batches import seeded_generator
 from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError
 
@@ -36,3 +38,32 @@ def fit_normalizer_from_datamodule(module: L.LightningModule, normalizer: Normal
             f"{type(module).__name__} needs a DataModule that provides {name!r} statistics"
         )
     normalizer.load_state_dict(source.state_dict())
+
+
+_TRAINING, _VALIDATION = 0, 1
+
+
+def training_noise(module: L.LightningModule) -> torch.Generator:
+    """The generator of the random draws of the training batch being computed.
+
+    Seeded from the process seed (``seed_everything``), the rank and the batch's number counted
+    across epochs, which Lightning restores on resume: a resumed stage draws the noise an
+    uninterrupted one would, whatever validation or anything else drew before.
+    """
+    batch = module.trainer.fit_loop.total_batch_idx
+    return seeded_generator(
+        module.device, torch.initial_seed(), module.global_rank, _TRAINING, batch
+    )
+
+
+def validation_noise(module: L.LightningModule, batch_idx: int) -> torch.Generator:
+    """The generator of validation batch ``batch_idx`` at the current global step: validation is a
+    function of the weights and the step, and draws nothing from the training noise."""
+    return seeded_generator(
+        module.device,
+        torch.initial_seed(),
+        module.global_rank,
+        _VALIDATION,
+        module.global_step,
+        batch_idx,
+    )

@@ -13,7 +13,12 @@ from torchmetrics import MeanMetric
 from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError
 from ldcq.models import SAMPLERS, FiLMDenoiser, NoiseSchedule, sample_prior, x0_loss
-from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule
+from ldcq.stages.common import (
+    check_positive,
+    fit_normalizer_from_datamodule,
+    training_noise,
+    validation_noise,
+)
 
 # Latents per denoiser call on a CPU (see LatentDiffusionPrior.sample).
 CPU_SAMPLE_ROWS = 4096
@@ -83,30 +88,44 @@ class LatentDiffusionPrior(L.LightningModule):
         fit_normalizer_from_datamodule(self, self.state_normalizer, "state_normalizer")
         fit_normalizer_from_datamodule(self, self.latent_normalizer, "latent_normalizer")
 
-    def loss(self, denoiser: nn.Module, states: Tensor, latents: Tensor) -> Tensor:
+    def loss(
+        self,
+        denoiser: nn.Module,
+        states: Tensor,
+        latents: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The x0 loss at raw ``states (B, S)``, ``latents (B, Z)``; ``generator`` draws t and the
+        noise (default: torch's global generator)."""
         return x0_loss(
             denoiser,
             self.latent_normalizer(latents),
             self.state_normalizer(states),
             self.schedule,
             gamma=self.hparams.snr_gamma,
+            generator=generator,
         )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(self.denoiser, batch["states"], batch["latents"])
+        loss = self.loss(self.denoiser, batch["states"], batch["latents"], training_noise(self))
         self.log("train/loss", loss)
         return loss
 
-    @torch.no_grad()
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: that hook runs after the checkpoint callbacks, so a
+        # checkpoint would hold an EMA one update behind its weights.
+        step = self.global_step + 1  # this update's number: global_step counts it only after
         decay = self.hparams.ema_decay
         # Warm-up: early on the EMA follows the weights closely instead of averaging random init.
-        decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
-        for ema, p in zip(self.ema_denoiser.parameters(), self.denoiser.parameters(), strict=True):
-            ema.lerp_(p.detach(), 1.0 - decay)
+        decay = min(decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            ema = list(self.ema_denoiser.parameters())
+            torch._foreach_lerp_(ema, [p.detach() for p in self.denoiser.parameters()], 1.0 - decay)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss = self.loss(self.ema_denoiser, batch["states"], batch["latents"])
+        noise = validation_noise(self, batch_idx)
+        loss = self.loss(self.ema_denoiser, batch["states"], batch["latents"], noise)
         self.val_loss.update(loss, weight=len(batch["states"]))
         self.log("val/loss", self.val_loss, prog_bar=True)
 

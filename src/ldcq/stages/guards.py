@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ldcq.errors import LdcqError
+from ldcq.stages.checkpointing import ResumableCheckpoint
 
 
 class NonFiniteLossError(LdcqError):
@@ -17,11 +18,14 @@ class NonFiniteLossError(LdcqError):
 
 def _last_checkpoint(trainer: L.Trainer) -> str:
     for cb in trainer.checkpoint_callbacks:
-        if not isinstance(cb, ModelCheckpoint):
+        if isinstance(cb, ResumableCheckpoint):
+            candidates = [str(cb.path)]
+        elif isinstance(cb, ModelCheckpoint):
+            candidates = [cb.last_model_path, cb.best_model_path]
+            if cb.dirpath:
+                candidates.append(str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}.ckpt"))
+        else:
             continue
-        candidates = [cb.last_model_path, cb.best_model_path]
-        if cb.dirpath:
-            candidates.append(str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}.ckpt"))
         for path in candidates:
             if path and Path(path).is_file():
                 return f"the last good checkpoint is {path}"

@@ -12,32 +12,22 @@ offline, into the latent bank (:mod:`ldcq.stages.bank`).
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from ldcq.artifacts import ArtifactError
-from ldcq.data.datamodules import collate_batch, load_episodes
+from ldcq.data.datamodules import load_episodes
 from ldcq.data.normalizer import Normalizer
 from ldcq.data.windows import make_windows
 from ldcq.errors import ConfigError
 from ldcq.models import TwinQ
 from ldcq.stages.bank import open_bank
-from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule
+from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule, training_noise
 from ldcq.stages.latent_data import FrozenVAEDataModule, cached_latents
-from ldcq.stages.replay import PrioritizedBatchSampler, PrioritizedReplay, UniformBatchSampler
-
-# The transition batches come from an IterableDataset with a length (steps per epoch); Lightning
-# warns that a length can be wrong with several workers, but the replay must live in the training
-# process (its priorities are updated by the module), so there are never workers here.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-
-TRANSITION_KEYS = ("states", "latents", "rewards", "next_states", "dones")
+from ldcq.stages.replay import PrioritizedReplay
 
 
 def q_target(
@@ -65,38 +55,31 @@ def q_target(
     return y1, y2
 
 
-class TransitionBatches(IterableDataset):
-    """Whole batches: index lists from ``sampler`` gathered from contiguous tensors and the bank.
+def draw_transitions(
+    tensors: dict[str, Tensor],
+    bank: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    replay: PrioritizedReplay | None = None,
+) -> dict[str, Tensor]:
+    """B transitions drawn with ``rng``, uniformly or ∝ priority, gathered with their bank rows.
 
-    Each batch: ``states (B, S)``, ``latents (B, Z)``, ``rewards (B,)``, ``next_states (B, S)``,
+    Returns ``states (B, S)``, ``latents (B, Z)``, ``rewards (B,)``, ``next_states (B, S)``,
     ``dones (B,)`` float, ``bank (B, K, Z)`` float32, ``index (B,)`` long and ``weights (B,)``,
     the replay's importance weights (ones without a replay).
     """
-
-    def __init__(
-        self,
-        tensors: dict[str, Tensor],
-        bank: np.ndarray,
-        sampler: Sampler[list[int]],
-        replay: PrioritizedReplay | None = None,
-    ) -> None:
-        self.tensors, self.bank, self.sampler, self.replay = tensors, bank, sampler, replay
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        for rows in self.sampler:
-            index = np.asarray(rows, dtype=np.int64)
-            idx = torch.from_numpy(index)
-            batch = {k: v[idx] for k, v in self.tensors.items()}
-            batch["bank"] = torch.from_numpy(self.bank[index].astype(np.float32))
-            batch["index"] = idx
-            if self.replay is None:
-                batch["weights"] = torch.ones(len(index))
-            else:
-                batch["weights"] = torch.from_numpy(self.replay.weights(index))
-            yield batch
+    if replay is None:
+        index = rng.integers(0, len(tensors["states"]), batch_size)
+        weights = torch.ones(batch_size)
+    else:
+        index = replay.draw(batch_size, rng)
+        weights = torch.from_numpy(replay.weights(index))
+    idx = torch.from_numpy(index)
+    batch = {k: v[idx] for k, v in tensors.items()}
+    batch["bank"] = torch.from_numpy(bank[index].astype(np.float32))
+    batch["index"] = idx
+    batch["weights"] = weights
+    return batch
 
 
 class LatentTransitionDataModule(FrozenVAEDataModule):
@@ -111,7 +94,8 @@ class LatentTransitionDataModule(FrozenVAEDataModule):
         stride: step between window starts.
         batch_size: B.
         prioritized: prioritized replay (α, β schedule, eps below) instead of uniform sampling.
-        seed: seed of the draws (combined with the rank and the step reached).
+        seed: seed of the draws: batch n of rank r is drawn with ``(seed, r, n)`` when its step
+            begins (:mod:`ldcq.data.batches`), so it sees every priority written before it.
         obs_keys: fields of a dict observation concatenated into the state.
         steps_per_epoch: batches per epoch (sampling is with replacement, so epochs are nominal).
     """
@@ -207,24 +191,23 @@ class LatentTransitionDataModule(FrozenVAEDataModule):
             )
             self.replay.add(n)
 
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        trainer = self.trainer
-        # Distinct draws per rank, and fresh ones after a resume rather than a replay of epoch 0.
-        seed = (hp.seed, trainer.global_rank, trainer.global_step) if trainer else (hp.seed,)
-        if self.replay is not None:
-            self.replay.reseed(seed)
-            sampler = PrioritizedBatchSampler(self.replay, hp.batch_size, hp.steps_per_epoch)
-        else:
-            n = len(self._transitions["states"])
-            sampler = UniformBatchSampler(n, hp.batch_size, hp.steps_per_epoch, seed=seed)
-        data = TransitionBatches(self.transitions(), self.bank, sampler, self.replay)
-        return DataLoader(data, batch_size=None, collate_fn=collate_batch)
+    def batches_per_epoch(self, world_size: int) -> int:
+        return self.hparams.steps_per_epoch
+
+    def draw_batch(self, n: int, rank: int, world_size: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng((self.hparams.seed, rank, n))
+        return draw_transitions(
+            self.transitions(), self.bank, self.hparams.batch_size, rng, self.replay
+        )
 
     def state_dict(self) -> dict:
-        return {"replay": self.replay.state_dict()} if self.replay is not None else {}
+        state = super().state_dict()
+        if self.replay is not None:
+            state["replay"] = self.replay.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
         if self.replay is not None and "replay" in state_dict:
             self.replay.load_state_dict(state_dict["replay"])
 
@@ -316,17 +299,21 @@ class LatentBCQ(L.LightningModule):
         """min(Q1, Q2) of raw ``states (N, S)`` and ``latents (N, K, Z)`` -> (N, K)."""
         return self.q.score_min(self.state_normalizer(states), latents)
 
-    def _bank_columns(self, bank: Tensor) -> Tensor:
+    def _bank_columns(self, bank: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``bank (B, K, Z)`` -> ``(B, k, Z)``: a random subset of columns, drawn per row."""
         k = self.hparams.num_bank_samples
         if k is None or k >= bank.shape[1]:
             return bank
-        cols = torch.rand(bank.shape[:2], device=bank.device).argsort(dim=1)[:, :k]
+        draws = torch.rand(bank.shape[:2], generator=generator, device=bank.device)
+        cols = draws.argsort(dim=1)[:, :k]
         return bank.gather(1, cols[..., None].expand(-1, -1, bank.shape[2]))
 
     @torch.no_grad()
-    def td_targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-net targets ``(y1, y2)`` (B,) from the target nets over the batch's bank rows."""
+    def td_targets(
+        self, batch: dict[str, Tensor], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-net targets ``(y1, y2)`` (B,) from the target nets over the batch's bank rows;
+        ``generator`` draws the bank columns when ``num_bank_samples`` < K."""
         hp = self.hparams
         rewards = batch["rewards"] * hp.reward_scale
         dones = batch["dones"]
@@ -334,13 +321,16 @@ class LatentBCQ(L.LightningModule):
             dones = torch.maximum(dones, (rewards > 0).to(dones.dtype))
         # TwinQ.score runs each target net's state branch once per next state, not once per latent.
         next_q1, next_q2 = self.target_q.score(
-            self.state_normalizer(batch["next_states"]), self._bank_columns(batch["bank"])
+            self.state_normalizer(batch["next_states"]),
+            self._bank_columns(batch["bank"], generator),
         )
         return q_target(rewards, dones, next_q1.float(), next_q2.float(), hp.gamma**hp.horizon)
 
-    def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def losses(
+        self, batch: dict[str, Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """Importance-weighted squared TD errors of both nets, weighted per sample (§4.1.1)."""
-        y1, y2 = self.td_targets(batch)
+        y1, y2 = self.td_targets(batch, generator)
         q1, q2 = self.q(self.state_normalizer(batch["states"]), batch["latents"])
         d1, d2 = q1.float() - y1, q2.float() - y2
         w = batch["weights"]
@@ -355,7 +345,7 @@ class LatentBCQ(L.LightningModule):
         }
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self.losses(batch)
+        out = self.losses(batch, training_noise(self))
         self._update_priorities(batch["index"], out["priority"])
         logs = {f"train/{k}": out[k] for k in ("q_loss", "q_mean", "target_mean", "td_abs")}
         self.log_dict(logs, batch_size=len(batch["index"]))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ldcq.artifacts import Artifact, check_dims, load_modules, read_artifact
+from ldcq.data.batches import EpochOrder, StepDrawnBatches
 from ldcq.data.datamodules import collate_batch, load_episodes
 from ldcq.data.minari_io import EpisodeArrays, canonical_id
 from ldcq.data.normalizer import Normalizer
@@ -86,10 +86,11 @@ def cached_latents(
     return latents
 
 
-class FrozenVAEDataModule(L.LightningDataModule):
+class FrozenVAEDataModule(StepDrawnBatches):
     """Base of the DataModules whose batches hold latents of a frozen ``skill_vae`` artifact.
 
     The dims (S, Z, H) come from the artifact's spec, so the model's dims are linked to them.
+    Training batches are drawn at their step (:mod:`ldcq.data.batches`).
     """
 
     def __init__(self, dataset: str, vae_artifact: str, obs_keys: list[str] | None) -> None:
@@ -121,7 +122,8 @@ class FrozenVAEDataModule(L.LightningDataModule):
 
 class LatentPairsDataModule(FrozenVAEDataModule):
     """``(s_t, z_t)`` pairs for the diffusion prior: batches of ``states (B, S)`` raw and
-    ``latents (B, Z)``, the frozen VAE's posterior means, split by episode like stage 1.
+    ``latents (B, Z)``, the frozen VAE's posterior means, split by episode like stage 1. One pass
+    over a fresh permutation of the training pairs per epoch, seeded by ``(seed, epoch)``.
 
     Args:
         dataset: the dataset the VAE was trained on.
@@ -146,6 +148,7 @@ class LatentPairsDataModule(FrozenVAEDataModule):
             raise ConfigError(f"data.val_fraction={val_fraction!r}: must be in [0, 1)")
         self.save_hyperparameters()
         self.train_set = self.val_set = None
+        self.order: EpochOrder | None = None
         self.state_normalizer: Normalizer | None = None
         self.latent_normalizer: Normalizer | None = None
 
@@ -161,22 +164,21 @@ class LatentPairsDataModule(FrozenVAEDataModule):
         in_val = np.isin(windows.episode, val_eps)
         tr, va = torch.from_numpy(~in_val), torch.from_numpy(in_val)
         self.train_set = TensorRows(states=states[tr], latents=latents[tr])
+        self.order = EpochOrder(len(self.train_set), hp.batch_size, hp.seed)
         if va.any():
             self.val_set = TensorRows(states=states[va], latents=latents[va])
         self.state_normalizer = Normalizer(self.state_dim).fit(states[tr])
         self.latent_normalizer = Normalizer(self.latent_dim).fit(latents[tr])
 
-    def _loader(self, data, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            data,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(data) >= self.hparams.batch_size,
-            collate_fn=collate_batch,
-        )
+    def batches_per_epoch(self, world_size: int) -> int:
+        return self.order.per_epoch(world_size)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
+    def draw_batch(self, n: int, rank: int, world_size: int) -> dict[str, Tensor]:
+        return self.train_set.__getitems__(self.order.rows(n, rank, world_size))
 
     def val_dataloader(self):
-        return self._loader(self.val_set, False) if self.val_set is not None else []
+        if self.val_set is None:
+            return []
+        return DataLoader(
+            self.val_set, batch_size=self.hparams.batch_size, collate_fn=collate_batch
+        )

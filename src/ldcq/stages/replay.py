@@ -9,11 +9,10 @@ level by level in numpy: O(B log N) per batch with no Python loop over samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
 from ldcq.errors import ConfigError
 
@@ -124,9 +123,6 @@ class PrioritizedReplay:
         frac = min(1.0, self.calls / self.beta_steps)
         return self.beta_start + frac * (self.beta_end - self.beta_start)
 
-    def reseed(self, seed: int | Sequence[int]) -> None:
-        self.rng = np.random.default_rng(seed)
-
     def add(self, count: int) -> np.ndarray:
         """Append ``count`` entries at the current maximum priority; returns their indices."""
         if self.size + count > self.tree.capacity:
@@ -148,12 +144,17 @@ class PrioritizedReplay:
             self.max_priority = max(self.max_priority, float(priorities.max()))
         self.tree.set(indices, (priorities + self.eps) ** self.alpha)
 
-    def draw(self, batch_size: int) -> np.ndarray:
-        """Draw ``batch_size`` indices i.i.d. ∝ p^α: ``(B,)`` int64; one step of the β schedule."""
+    def draw(self, batch_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Draw ``batch_size`` indices i.i.d. ∝ p^α: ``(B,)`` int64; one step of the β schedule.
+
+        ``rng`` (default: the replay's own) lets a caller make the draw a function of its own
+        seed, e.g. ``(seed, rank, batch)``.
+        """
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay")
         self.calls += 1
-        return self.tree.find(self.rng.random(batch_size) * self.tree.total)
+        rng = self.rng if rng is None else rng
+        return self.tree.find(rng.random(batch_size) * self.tree.total)
 
     def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`draw` and the draws' :meth:`weights`: ``(indices (B,), is_weights (B,))``."""
@@ -185,64 +186,3 @@ class PrioritizedReplay:
         self.tree.nodes[:] = nodes
         self.size, self.calls = int(state["size"]), int(state["calls"])
         self.max_priority = float(state["max_priority"])
-
-
-class _BatchSampler(Sampler[list[int]]):
-    """Yields ``num_batches`` index lists of ``batch_size`` per iteration, or forever when None."""
-
-    def __init__(self, batch_size: int, num_batches: int | None) -> None:
-        _check_batches(batch_size, num_batches)
-        self.batch_size, self.num_batches = batch_size, num_batches
-
-    def draw(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("an infinite sampler has no length")
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        count = 0
-        while self.num_batches is None or count < self.num_batches:
-            yield self.draw().tolist()
-            count += 1
-
-
-class PrioritizedBatchSampler(_BatchSampler):
-    """Index lists drawn from a :class:`PrioritizedReplay` (∝ p^α)."""
-
-    def __init__(
-        self, replay: PrioritizedReplay, batch_size: int, num_batches: int | None = None
-    ) -> None:
-        super().__init__(batch_size, num_batches)
-        self.replay = replay
-
-    def draw(self) -> np.ndarray:
-        # Indices only: the dataset weighs each batch when it gathers it.
-        return self.replay.draw(self.batch_size)
-
-
-class UniformBatchSampler(_BatchSampler):
-    """Index lists drawn uniformly with replacement from ``range(num_rows)``."""
-
-    def __init__(
-        self,
-        num_rows: int,
-        batch_size: int,
-        num_batches: int | None = None,
-        seed: int | Sequence[int] = 0,
-    ) -> None:
-        super().__init__(batch_size, num_batches)
-        if num_rows < 1:
-            raise ConfigError(f"cannot sample batches from {num_rows} rows")
-        self.num_rows = num_rows
-        self.rng = np.random.default_rng(seed)
-
-    def draw(self) -> np.ndarray:
-        return self.rng.integers(0, self.num_rows, self.batch_size)
-
-
-def _check_batches(batch_size: int, num_batches: int | None) -> None:
-    if batch_size < 1 or (num_batches is not None and num_batches < 1):
-        raise ConfigError(f"batch_size ({batch_size}) and num_batches ({num_batches}) must be >= 1")

@@ -19,7 +19,12 @@ from ldcq.models import (
     gaussian_kl,
     gaussian_nll,
 )
-from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule
+from ldcq.stages.common import (
+    check_positive,
+    fit_normalizer_from_datamodule,
+    training_noise,
+    validation_noise,
+)
 
 LOSS_TERMS = ("loss", "action_nll", "kl", "state_nll")
 
@@ -103,12 +108,20 @@ class SkillVAE(L.LightningModule):
         """Mean of the VAE's Gaussian prior p(z | s): raw ``states (N, S)`` -> ``(N, Z)``."""
         return self.prior(self.state_normalizer(states))[0]
 
-    def losses(self, states: Tensor, actions: Tensor) -> dict[str, Tensor]:
-        """Reference §1.2 loss: per-step action NLL + β·KL/H (+ state NLL/H)."""
+    def losses(
+        self, states: Tensor, actions: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Reference §1.2 loss: per-step action NLL + β·KL/H (+ state NLL/H).
+
+        ``generator`` draws the reparameterization noise (default: torch's global generator).
+        """
         h = self.hparams.horizon
         s = self.state_normalizer(states)
         mean_q, std_q = self.encoder(s[:, :h], actions)
-        z = mean_q + std_q * torch.randn_like(std_q)
+        noise = torch.randn(
+            std_q.shape, generator=generator, device=std_q.device, dtype=std_q.dtype
+        )
+        z = mean_q + std_q * noise
         z_steps = z[:, None, :].expand(-1, h, -1)
         mean_a, std_a = self.policy(s[:, :h], z_steps, actions)
         action_nll = gaussian_nll(actions, mean_a, std_a).sum(-1).mean()
@@ -126,12 +139,12 @@ class SkillVAE(L.LightningModule):
         return out
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self.losses(batch["states"], batch["actions"])
+        out = self.losses(batch["states"], batch["actions"], training_noise(self))
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False)
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self.losses(batch["states"], batch["actions"])
+        out = self.losses(batch["states"], batch["actions"], validation_noise(self, batch_idx))
         n = len(batch["states"])
         for k, v in out.items():
             self.val_metrics[k].update(v, weight=n)

@@ -56,6 +56,14 @@ class Ticks:
         tick = Tick()
         return (tick for _ in range(self.length))
 
+    # Lightning asks a loader for its state to resume mid-epoch (and warns when it has none). A
+    # tick carries nothing: the position lives in the DataModule's ``batches_drawn``.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
 
 class StepDrawnBatches(L.LightningDataModule):
     """Base of the DataModules whose training batches are drawn at their step.

@@ -6,8 +6,9 @@ What a resumed stage needs and where it lives in the checkpoint:
   counters (global step, batches per epoch): Lightning's own state;
 - the number of batches drawn and the prioritized replay (sum tree, β's step count, largest
   priority): the DataModule's ``state_dict`` (:mod:`ldcq.data.batches`);
-- the latest value of every logged metric, and the machine and libraries that wrote the
-  checkpoint: this callback's state.
+- the latest value of every logged metric, the weights of the best validation so far (when the
+  stage hands on its best weights), and the machine and libraries that wrote the checkpoint:
+  this callback's state.
 
 No random-number-generator state is needed: every draw of a step is a function of the seed, the
 rank and the batch number (:func:`ldcq.stages.common.training_noise`).
@@ -71,14 +72,17 @@ class ResumableCheckpoint(Checkpoint):
     A step followed by validation is saved after it, never before: Lightning resumes a checkpoint
     saved at the end of a training batch without running the validation due at that batch. The
     callback also keeps ``metrics``, the latest value of every logged scalar, across resumes
-    (what ``metrics.json`` holds), and ``resumes``: one record per resume of the stage, with the
-    step it resumed from and whether the result can still equal an uninterrupted run.
+    (what ``metrics.json`` holds), ``resumes``: one record per resume of the stage, with the
+    step it resumed from and whether the result can still equal an uninterrupted run, and with
+    ``monitor`` set, ``best``: the step, value and weights of the validation where ``monitor``
+    was lowest.
 
     Args:
         dirpath: the stage's work folder.
         every_n_steps: optimizer steps between checkpoints.
         stage: the stage's name, for messages.
         say: prints one message (global rank 0 only); default: ``print``.
+        monitor: a validation metric to keep the best weights of (lower is better), or None.
     """
 
     def __init__(
@@ -87,10 +91,12 @@ class ResumableCheckpoint(Checkpoint):
         every_n_steps: int,
         stage: str,
         say: Callable[[str], None] = print,
+        monitor: str | None = None,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
-        self.stage, self.say = stage, say
+        self.stage, self.say, self.monitor = stage, say, monitor
+        self.best: dict[str, Any] | None = None
         self.metrics: dict[str, float] = {}
         self.resumes: list[dict[str, Any]] = []
         self._environment: dict[str, Any] = {}
@@ -113,10 +119,12 @@ class ResumableCheckpoint(Checkpoint):
             "metrics": dict(self.metrics),
             "environment": dict(self._environment),
             "resumes": [dict(r) for r in self.resumes],
+            "best": self.best,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.metrics = dict(state_dict["metrics"])
+        self.best = state_dict.get("best")
         self.resumes = [dict(r) for r in state_dict["resumes"]]
         self._loaded = state_dict
 
@@ -157,11 +165,19 @@ class ResumableCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         self._remember(trainer)
+        self._keep_best(trainer, pl_module)
         if self._pending:
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remember(trainer)
+
+    def _keep_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        if value is None or (self.best is not None and float(value) >= self.best["value"]):
+            return
+        weights = {k: t.detach().cpu().clone() for k, t in pl_module.state_dict().items()}
+        self.best = {"step": trainer.global_step, "value": float(value), "state_dict": weights}
 
     def _remember(self, trainer: L.Trainer) -> None:
         for key, value in trainer.callback_metrics.items():
@@ -171,7 +187,7 @@ class ResumableCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         self._pending, self._step = False, trainer.global_step
         tmp = self.dirpath / f"{CHECKPOINT_NAME}.tmp"
-        trainer.save_checkpoint(tmp)  # every rank calls it; global rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
         if trainer.is_global_zero:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -146,3 +146,33 @@ def test_same_seed_gives_identical_evaluation_returns():
     np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_array_equal(a.returns, b.returns)
     assert not np.array_equal(a.positions, c.positions)
+
+
+class StandStill:
+    """Zero actions: the point stays near its reset."""
+
+    def reset(self, num_envs):
+        self.n = num_envs
+
+    def act(self, states):
+        return np.zeros((len(states), 2))
+
+
+def test_first_hit_is_the_first_success_not_the_first_reward_with_dense_rewards():
+    from ldcq.data import pointmaze
+
+    make_env = lambda: pointmaze.make_eval_env("pointmaze-umaze-dense", max_episode_steps=30)  # noqa: E731
+    metrics, traj = evaluate(StandStill(), make_env, episodes=4, num_envs=2, seed=0)
+    assert (traj.returns > 0).all()  # dense: every step pays exp(-distance) > 0
+    # resets are never in the goal cell, and the point hardly moves: no success, no hit
+    assert metrics["eval/success_rate"] == 0.0
+    assert metrics["eval/first_hit_score"] == 0.0
+
+
+def test_the_evaluation_protocol_is_named_and_checked():
+    from ldcq.evaluation.rollout import evaluation_protocol
+
+    fixed = evaluation_protocol("pointmaze-umaze", "fixed", (1.0, 2.0))
+    assert fixed.description.startswith("fixed goal") and fixed.ref_scores == (1.0, 2.0)
+    with pytest.raises(ConfigError, match=r"evaluation\.goal='nearby'"):
+        evaluation_protocol("pointmaze-umaze", "nearby")

@@ -22,7 +22,13 @@ from ldcq.stages.latent_bcq import LatentBCQ
 from ldcq.stages.skill_vae import SkillVAE
 
 S, A, Z, H = 4, 2, 3, 5
-MAZE = pointmaze.MAZES["umaze"]
+
+
+def _make_env(**kwargs):
+    return pointmaze.make_eval_env("pointmaze-umaze", max_episode_steps=20, **kwargs)
+
+
+MAZE = plots.MazeLayout.from_env(_make_env())
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +85,39 @@ def test_rollouts_with_and_without_maze(trajectories, tmp_path):
     assert _written(plots.plot_rollouts(trajectories, tmp_path / "free.png", max_episodes=2))
 
 
+def test_the_maze_comes_from_the_env():
+    spec = pointmaze.MAZES["umaze"]
+    np.testing.assert_array_equal(MAZE.walls, np.array(spec.maze_map) == 1)
+    np.testing.assert_array_equal(MAZE.goal_xy, spec.goal_xy)  # the fixed eval goal
+    assert MAZE.scale == 1.0 and MAZE.extent == (-2.5, 2.5, -2.5, 2.5)
+
+
 def test_grid_states_lie_in_free_cells_only():
-    pixels, states = plots._grid_states(MAZE, 2, S)
-    walls = plots._walls(MAZE)
+    pixels, states = plots._grid_states(MAZE, 2, ["observation"])
     # umaze: 7 free cells of 2×2 points; each point maps back to its own free cell.
-    assert len(states) == 7 * 4
-    h, w = walls.shape
+    assert len(states) == 7 * 4 and states.shape[1] == S
+    h, w = MAZE.walls.shape
     cols = np.floor(states[:, 0] + w / 2).astype(int)
     rows = np.floor(h / 2 - states[:, 1]).astype(int)
-    assert not walls[rows, cols].any()
+    assert not MAZE.walls[rows, cols].any()
     np.testing.assert_array_equal(pixels // 2, np.stack([rows, cols], axis=1))
-    assert np.all(states[:, 2:] == 0)
+    assert np.all(states[:, 2:] == 0)  # standing still
+
+
+def test_grid_states_follow_obs_keys_and_the_cell_size():
+    _, states = plots._grid_states(MAZE, 1, ["observation", "desired_goal"])
+    assert states.shape == (7, S + 2)
+    np.testing.assert_array_equal(states[:, 4:], np.repeat(MAZE.goal_xy[None], 7, axis=0))
+    # an AntMaze-like layout: cells of side 4, xy only in achieved_goal
+    ant = plots.MazeLayout(
+        MAZE.walls,
+        4.0,
+        MAZE.goal_xy * 4,
+        {"achieved_goal": np.zeros(2), "observation": np.arange(27.0), "desired_goal": np.ones(2)},
+    )
+    _, states = plots._grid_states(ant, 1, ["achieved_goal", "observation"])
+    assert states.shape == (7, 29) and np.abs(states[:, :2]).max() == 6.0
+    np.testing.assert_array_equal(states[:, 2:], np.repeat(np.arange(27.0)[None], 7, axis=0))
 
 
 def test_q_map_and_latents(modules, episodes, tmp_path):
@@ -118,12 +146,11 @@ def test_training_curves_from_mlflow(tmp_path):
         runs[stage] = client.create_run(experiment).info.run_id
         client.log_batch(runs[stage], metrics=metrics)
     assert _written(plots.plot_training_curves(uri, runs, tmp_path / "curves.png"))
+    # q_mean rises to the end: the Q panel says so
+    assert plots.late_change(np.arange(60), np.arange(60) - 30.0) > 0.1
+    assert abs(plots.late_change(np.arange(60), np.full(60, 3.0))) < 1e-9
     with pytest.raises(ConfigError, match="not-a-run"):
         plots.plot_training_curves(uri, {"skill_vae": "not-a-run"}, tmp_path / "bad.png")
-
-
-def _make_env(**kwargs):
-    return pointmaze.make_eval_env("pointmaze-umaze", max_episode_steps=20, **kwargs)
 
 
 @pytest.mark.skipif(

@@ -14,6 +14,7 @@ from ldcq.data.pointmaze import (
     generate_dataset,
     make_eval_env,
     parse_name,
+    relabel_rewards,
 )
 from ldcq.data.waypoints import WaypointController
 
@@ -78,6 +79,38 @@ def test_stored_layout_and_relabeled_rewards(datasets_dir, name):
     assert sum(e.rewards.sum() for e in episodes) > 0
 
 
+@pytest.mark.parametrize("name", ["pointmaze-umaze", "pointmaze-umaze-dense", "pointmaze-large"])
+def test_the_eval_env_pays_exactly_what_the_data_rewards(name):
+    spec, dense = parse_name(name)
+    env = make_eval_env(name)
+    paid, relabeled, successes = [], [], []
+    rng = np.random.default_rng(0)
+    for seed in range(30):
+        # Start in the goal cell and wander: most steps lie near the radius, where a moved goal
+        # and the data's goal disagree.
+        obs, info = env.reset(seed=seed, options={"reset_cell": np.array(spec.goal_cell)})
+        assert info["success"] == bool(
+            np.linalg.norm(obs["achieved_goal"] - spec.goal_xy) <= SUCCESS_RADIUS
+        )
+        for _ in range(40):
+            obs, reward, _, _, info = env.step(rng.uniform(-1, 1, 2))
+            paid.append(reward)
+            relabeled.append(relabel_rewards(obs["achieved_goal"][None], spec, dense)[0])
+            successes.append(info["success"])
+    env.close()
+    np.testing.assert_allclose(paid, relabeled, rtol=0, atol=1e-12)
+    if not dense:
+        assert np.array_equal(np.asarray(paid) > 0, successes) and 0 < np.mean(paid) < 1
+
+
+def test_the_moving_goal_protocol_keeps_the_envs_goal_noise():
+    spec, _ = parse_name("pointmaze-umaze")
+    env = make_eval_env("pointmaze-umaze", goal="moving")
+    goals = np.array([env.reset(seed=s)[0]["desired_goal"] for s in range(10)])
+    env.close()
+    assert np.abs(goals - spec.goal_xy).max() <= 0.25 and len(np.unique(goals[:, 0])) == 10
+
+
 def test_noise_free_controller_reaches_the_eval_goal():
     spec, _ = parse_name("pointmaze-umaze")
     env = make_eval_env("pointmaze-umaze")
@@ -85,8 +118,8 @@ def test_noise_free_controller_reaches_the_eval_goal():
     for seed in range(20):
         controller = WaypointController(spec, np.random.default_rng(seed))
         obs, info = env.reset(seed=seed)
-        # The eval goal is the goal cell's centre up to the env's U(-0.25, 0.25) goal noise.
-        assert np.abs(obs["desired_goal"] - spec.goal_xy).max() <= 0.25
+        # The eval goal is exactly the goal cell's centre: the goal of the dataset's rewards.
+        np.testing.assert_array_equal(obs["desired_goal"], spec.goal_xy)
         success = info["success"]
         truncated = False
         while not truncated:
@@ -99,8 +132,8 @@ def test_noise_free_controller_reaches_the_eval_goal():
 
 
 def test_names_and_ids():
-    assert dataset_id("pointmaze-umaze") == "ldcq/pointmaze/umaze-v0"
-    assert dataset_id("pointmaze-large-dense") == "ldcq/pointmaze/large-dense-v0"
+    assert dataset_id("pointmaze-umaze") == "ldcq/pointmaze/umaze-v1"
+    assert dataset_id("pointmaze-large-dense") == "ldcq/pointmaze/large-dense-v1"
     assert parse_name("pointmaze-medium-dense")[1]
     assert not parse_name("pointmaze-medium")[1]
     assert len(GENERATED_NAMES) == 6
@@ -115,5 +148,17 @@ def test_unknown_name_lists_valid_names(call):
 
 def test_existing_dataset_needs_overwrite(datasets_dir):
     generate_dataset("pointmaze-umaze", 300, ref_episodes=1, progress=False)
-    with pytest.raises(FileExistsError, match=r"ldcq/pointmaze/umaze-v0.*overwrite"):
+    with pytest.raises(FileExistsError, match=r"ldcq/pointmaze/umaze-v1.*overwrite"):
         generate_dataset("pointmaze-umaze", 300, ref_episodes=1, progress=False)
+
+
+def test_an_older_dataset_version_is_refused_with_the_regenerate_command(datasets_dir):
+    from ldcq.data.minari_io import read_episodes
+    from ldcq.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"older version of pointmaze-umaze.*ldcq data generate"):
+        read_episodes("ldcq/pointmaze/umaze-v0")
+    # only the old version is on disk: the short name asks for the new one and says why
+    (datasets_dir / "ldcq" / "pointmaze" / "umaze-v0" / "data").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"generate pointmaze-umaze` \(the older .*umaze-v0"):
+        read_episodes("pointmaze-umaze")

@@ -80,6 +80,9 @@ def _print_summary(cfg, results) -> None:
             + (f" ({first_hit_norm:.1f} normalized)" if first_hit_norm is not None else ""),
         )
         console.print(scores)
+        protocol = results["evaluation"].artifact.spec.get("protocol")
+        if protocol:
+            console.print(f"evaluation protocol: {protocol}")
         console.print(f"pictures and rollouts: {results['evaluation'].artifact.path}")
     if getattr(cfg, "tracking_uri", None) is not False:
         console.print(f"MLflow: {resolve_uri(cfg.get('tracking_uri'))} (make mlflow-ui)")

@@ -222,7 +222,9 @@ def _fit_stage(
             stage, {"stage": stage, "fingerprint": fp, "dataset": ctx.dataset["id"]}, ctx.parent_run
         )
         ctx.tracker.log_params(run_id, ctx.stage_cfg(stage))
-    checkpoint = ResumableCheckpoint(work, every, stage, say=_log)
+    handoff = _handoff(ctx, stage)
+    monitor = "val/loss" if handoff == "best" else None
+    checkpoint = ResumableCheckpoint(work, every, stage, say=_log, monitor=monitor)
     try:
         trainer = L.Trainer(
             **kwargs,
@@ -247,6 +249,7 @@ def _fit_stage(
         ckpt_path=str(last) if resumed_from is not None else None,
         weights_only=True,  # last.ckpt is read as data; a file that pickles code is refused
     )
+    handed_on = _hand_on(stage, model, checkpoint, handoff)
     if trainer.is_global_zero:
         artifact = export_artifact(
             final,
@@ -267,6 +270,7 @@ def _fit_stage(
                 "resumes": checkpoint.resumes,
                 "resume_exact": checkpoint.exact,
                 "global_step": trainer.global_step,
+                "handoff": handed_on,
             },
         )
         if ctx.tracker is not None:
@@ -276,6 +280,39 @@ def _fit_stage(
         shutil.rmtree(work, ignore_errors=True)
     trainer.strategy.barrier()
     return read_artifact(final, stage), False
+
+
+HANDOFFS = ("best", "last")
+
+
+def _handoff(ctx: Context, stage: str) -> str:
+    """``<stage>.handoff``: the weights a trained stage hands on, ``best`` (its lowest val/loss,
+    as the official code) or ``last``."""
+    handoff = ctx.stage_cfg(stage).get("handoff", "last")
+    if handoff not in HANDOFFS:
+        raise ConfigError(f"{stage}.handoff={handoff!r}: valid values are {list(HANDOFFS)}")
+    if handoff == "best" and stage == "latent_bcq":
+        raise ConfigError(
+            "latent_bcq.handoff=best: the Q stage has no validation loss to choose by; use last"
+        )
+    return handoff
+
+
+def _hand_on(stage: str, model: L.LightningModule, checkpoint, handoff: str) -> dict[str, Any]:
+    """Load the weights to hand on into ``model``; returns what ``spec.json`` records of them."""
+    if handoff == "last":
+        return {"weights": "last"}
+    if checkpoint.best is None:
+        _log(f"{stage}: no validation ran, so the last weights are handed on, not the best")
+        return {"weights": "last", "why": "no validation ran (val_check_interval > max_steps?)"}
+    model.load_state_dict(checkpoint.best["state_dict"])
+    best = checkpoint.best
+    return {
+        "weights": "best",
+        "monitor": checkpoint.monitor,
+        "step": best["step"],
+        "value": best["value"],
+    }
 
 
 def export_artifact(
@@ -461,7 +498,7 @@ def run_evaluation(ctx: Context) -> Artifact:
     from ldcq.artifacts import load_modules
     from ldcq.data.datamodules import load_episodes
     from ldcq.evaluation.policy import LDCQPolicy
-    from ldcq.evaluation.rollout import env_factory, evaluate
+    from ldcq.evaluation.rollout import evaluate, evaluation_protocol
 
     cfg = ctx.stage_cfg("evaluation")
     fp = ctx.stage_fingerprint("evaluation")
@@ -487,7 +524,9 @@ def run_evaluation(ctx: Context) -> Artifact:
         seed=cfg["seed"],
     )
     episodes = load_episodes(ctx.cfg.dataset, list(ctx.cfg.obs_keys))
-    make_env, family = env_factory(ctx.cfg.dataset)
+    stored_ref = (episodes.ref_min_score, episodes.ref_max_score)
+    protocol = evaluation_protocol(ctx.cfg.dataset, cfg["goal"], stored_ref)
+    make_env = protocol.make_env
     run_id = None
     if ctx.tracker is not None:
         tags = {"stage": "evaluation", "fingerprint": fp, "dataset": ctx.dataset["id"]}
@@ -501,7 +540,7 @@ def run_evaluation(ctx: Context) -> Artifact:
         episodes=cfg["episodes"],
         num_envs=cfg["num_envs"],
         seed=cfg["seed"],
-        ref_scores=(episodes.ref_min_score, episodes.ref_max_score),
+        ref_scores=protocol.ref_scores,
         asynchronous=cfg["asynchronous"],
     )
     metrics["eval/seconds"] = time.perf_counter() - start
@@ -527,7 +566,9 @@ def run_evaluation(ctx: Context) -> Artifact:
             "dims": dict(ctx.results["skill_vae"].artifact.spec["dims"]),
             "dataset": ctx.dataset,
             "seed": cfg["seed"],
-            "family": family,
+            "family": protocol.family,
+            "protocol": protocol.description,
+            "ref_scores": list(protocol.ref_scores),
             "upstream": ctx.upstream("evaluation"),
             "config_hash": fingerprint(cfg),
             "pipeline": ctx.cfg.name,
@@ -549,18 +590,13 @@ def run_evaluation(ctx: Context) -> Artifact:
 
 def _pictures(ctx, out_dir, trajectories, modules, policy, make_env, episodes) -> dict[str, Path]:
     """Pictures of the evaluation, written to ``out_dir``; name -> file."""
-    from ldcq.data import pointmaze
     from ldcq.evaluation import plots
 
-    name = pointmaze.name_for_id(ctx.dataset["id"])
-    maze = pointmaze.parse_name(name)[0] if name is not None else None
-    run_ids = {}
-    if ctx.tracker is not None:
-        runs = ctx.tracker.client.search_runs(
-            [ctx.tracker.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run}'",
-        )
-        run_ids = {r.data.tags["mlflow.runName"]: r.info.run_id for r in runs}
+    env = make_env()
+    try:
+        maze = plots.MazeLayout.from_env(env, seed=ctx.stage_cfg("evaluation")["seed"])
+    finally:
+        env.close()
     files = plots.make_pictures(
         out_dir,
         traj=trajectories,
@@ -572,9 +608,32 @@ def _pictures(ctx, out_dir, trajectories, modules, policy, make_env, episodes) -
         policy=policy,
         make_env=make_env,
         tracking_uri=ctx.tracker.uri if ctx.tracker is not None else None,
-        run_ids=run_ids or None,
+        run_ids=_training_runs(ctx) or None,
+        obs_keys=list(ctx.cfg.obs_keys),
     )
     return {path.name: path for path in files.values()}
+
+
+def _training_runs(ctx: Context) -> dict[str, str]:
+    """MLflow run id of each trained stage's artifact, in pipeline order: the latest finished run
+    with its stage and fingerprint, whichever invocation trained it."""
+    if ctx.tracker is None:
+        return {}
+    run_ids = {}
+    for stage in ("skill_vae", "diffusion_prior", "latent_bcq"):
+        fp = ctx.results[stage].artifact.fingerprint
+        runs = ctx.tracker.client.search_runs(
+            [ctx.tracker.experiment_id],
+            filter_string=(
+                f"tags.stage = '{stage}' and tags.fingerprint = '{fp}' "
+                f"and attributes.status = 'FINISHED'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs:
+            run_ids[stage] = runs[0].info.run_id
+    return run_ids
 
 
 RUNNERS = {

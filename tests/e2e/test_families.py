@@ -35,7 +35,6 @@ def test_family_pipeline_on_a_lookalike_dataset(family, minari_root, tmp_path):
     record(dataset_id, episodes=3, steps=60, seed=0, eval_steps=50)
     overrides = [
         *tiny_overrides(tmp_path, dataset=dataset_id),
-        "evaluation.pictures=false",
         "evaluation.episodes=2",
         "evaluation.num_envs=2",
     ]
@@ -60,3 +59,7 @@ def test_family_pipeline_on_a_lookalike_dataset(family, minari_root, tmp_path):
     assert metrics["eval/episode_length"] == 50  # the recorded eval env's step limit
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert "eval/normalized_score" in metrics
+    # pictures are drawn from the env's own maze (AntMaze: cells of side 4) and obs_keys
+    files = {p.name for p in evaluation.path.iterdir()}
+    assert "rollouts.png" in files and "latents.png" in files
+    assert ("q_map.png" in files) == (family == "antmaze")

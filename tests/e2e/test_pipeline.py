@@ -80,7 +80,7 @@ def test_pipeline_trains_then_skips_everything(tiny_maze, tmp_path):
     for r in first.values():
         assert (r.artifact.path / "DONE").is_file()
         spec = json.loads((r.artifact.path / "spec.json").read_text())
-        assert spec["dataset"]["id"] == "ldcq/pointmaze/umaze-v0"
+        assert spec["dataset"]["id"] == "ldcq/pointmaze/umaze-v1"
     bcq_spec = first["latent_bcq"].artifact.spec
     assert bcq_spec["upstream"]["latent_bank"] == first["latent_bank"].artifact.fingerprint
 

@@ -182,6 +182,8 @@ def test_latent_bcq_trains_on_the_bank(upstream, bank, prioritized):
         leaves = dm.replay.tree.leaves(np.arange(len(dm.replay)))
         assert len(np.unique(leaves)) > 1 and dm.replay.calls >= 10
         assert "replay" in dm.state_dict()
+        # β anneals over the stage's own max_steps unless per_beta_steps is set: it reached 1
+        assert dm.replay.beta_steps == 10 and dm.replay.beta == 1.0
 
 
 def test_prioritized_training_resumes_with_its_replay_state(upstream, bank, tmp_path):

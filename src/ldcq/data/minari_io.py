@@ -44,7 +44,15 @@ def _generate_hint(dataset_id: str) -> str:
 
     name = pointmaze.name_for_id(dataset_id)
     if name is not None:
-        return f"generate it with `ldcq data generate {name}`"
+        older = [
+            pointmaze.dataset_id(name, v)
+            for v in range(pointmaze.VERSION)
+            if (datasets_root() / pointmaze.dataset_id(name, v)).exists()
+        ]
+        note = f" (the older {', '.join(older)} is not used: its evaluation goal moved)" * bool(
+            older
+        )
+        return f"generate it with `ldcq data generate {name}`{note}"
     return "the datasets this project generates are: " + ", ".join(pointmaze.GENERATED_NAMES)
 
 
@@ -72,6 +80,16 @@ def load_dataset(name_or_id: str, download: bool = True):
         raise DatasetError(
             f"dataset id {dataset_id!r} is not a Minari id: expected 'namespace/name-vN' such as "
             f"'D4RL/antmaze/large-diverse-v1' or a generated name such as 'pointmaze-umaze'"
+        )
+    from ldcq.data import pointmaze
+
+    outdated = pointmaze.outdated_name(dataset_id)
+    if outdated is not None:
+        raise DatasetError(
+            f"dataset {dataset_id!r} is an older version of {outdated}, generated when its "
+            f"evaluation goal moved at every reset, so its reference scores belong to another "
+            f"protocol; generate the current one with `ldcq data generate {outdated}` and use "
+            f"`dataset={outdated}` (id {pointmaze.dataset_id(outdated)})"
         )
     local = datasets_root() / dataset_id / "data"
     if local.exists():

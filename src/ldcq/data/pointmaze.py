@@ -4,10 +4,16 @@ The recipe is D4RL's (reference §5): one continuous stream from a single seeded
 controller following goals that the env re-draws whenever one is reached, N(0, 0.5²) action noise,
 and rewards relabeled to the maze's fixed evaluation goal. The stream is cut into fixed-length
 Minari episodes. Reference scores for normalization come from a uniform random policy (min) and
-the noise-free controller (max) on the fixed-goal evaluation env.
+the noise-free controller (max) on the evaluation env.
+
+The evaluation env pays against exactly the goal the rewards were relabeled to, D4RL's maze2d
+protocol (:func:`make_eval_env`); ``goal="moving"`` gives gymnasium-robotics' own goal, moved by
+U(−0.25, 0.25) per axis at every reset, for agents that observe it (``desired_goal``).
 
 Names are ``pointmaze-<maze>[-dense]``; datasets live under the ``ldcq/pointmaze`` namespace, which
-never collides with the downloadable ``D4RL/pointmaze/*`` ids.
+never collides with the downloadable ``D4RL/pointmaze/*`` ids. ``VERSION`` is their version: v0
+datasets were made when the evaluation goal moved, so their reference scores belong to another
+protocol, and they are refused with the command that regenerates them.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import io
 import math
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -40,6 +46,9 @@ with contextlib.redirect_stderr(io.StringIO()):
 gym.register_envs(gymnasium_robotics)
 
 NAMESPACE = "ldcq/pointmaze"
+# v1: the evaluation goal is fixed at the reward's goal (v0: moved per reset).
+VERSION = 1
+GOAL_PROTOCOLS = ("fixed", "moving")
 ACTION_NOISE_STD = 0.5
 # gymnasium-robotics counts a goal reached within this distance (D4RL used 0.5).
 SUCCESS_RADIUS = 0.45
@@ -101,26 +110,63 @@ def parse_name(name: str) -> tuple[MazeSpec, bool]:
     return MAZES[maze], dense == "dense"
 
 
-def dataset_id(name: str) -> str:
-    """Minari id of a generated dataset: ``pointmaze-large-dense`` -> ``ldcq/pointmaze/large-dense-v0``."""
+def dataset_id(name: str, version: int = VERSION) -> str:
+    """Minari id of a generated dataset: ``pointmaze-large-dense`` -> ``ldcq/pointmaze/large-dense-v1``."""
     parse_name(name)
-    return f"{NAMESPACE}/{name.removeprefix('pointmaze-')}-v0"
+    return f"{NAMESPACE}/{name.removeprefix('pointmaze-')}-v{version}"
 
 
 def name_for_id(minari_id: str) -> str | None:
-    """The generated dataset's name for its id (``ldcq/pointmaze/umaze-v0`` -> ``pointmaze-umaze``),
-    or None when the id is not one of ours."""
+    """The generated dataset's name for its id (``ldcq/pointmaze/umaze-v1`` -> ``pointmaze-umaze``),
+    or None when the id is not one of ours at the current version."""
     return next((n for n in GENERATED_NAMES if dataset_id(n) == minari_id), None)
 
 
-def make_eval_env(name: str, **kwargs) -> gym.Env:
-    """The fixed-goal evaluation env of ``name``; ``kwargs`` go to ``gymnasium.make``.
+def outdated_name(minari_id: str) -> str | None:
+    """The name of a generated dataset of which ``minari_id`` is an older version, else None."""
+    return next(
+        (n for n in GENERATED_NAMES for v in range(VERSION) if dataset_id(n, v) == minari_id),
+        None,
+    )
+
+
+class FixedGoal(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Puts a PointMaze env's goal at exactly ``goal_xy`` after every reset.
+
+    gymnasium-robotics moves the goal by U(−0.25, 0.25) per axis at each reset and pays (reward,
+    ``info["success"]``) against the moved goal, which an agent that sees only its own state
+    cannot know. The dataset's rewards are relabeled to the goal cell's centre, and so are D4RL's
+    maze2d evaluations: this wrapper makes the env pay there. The env's random stream is left as
+    it is, so the reset positions are those of the unwrapped env for the same seed.
+    """
+
+    def __init__(self, env: gym.Env, goal_xy: Sequence[float]) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, goal_xy=[float(v) for v in goal_xy])
+        gym.Wrapper.__init__(self, env)
+        self.goal_xy = np.asarray(goal_xy, dtype=np.float64)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        maze = self.env.unwrapped
+        maze.goal = self.goal_xy.copy()
+        maze.update_target_site_pos()
+        obs = {**obs, "desired_goal": self.goal_xy.copy()}
+        distance = np.linalg.norm(obs["achieved_goal"] - self.goal_xy)
+        info = {**info, "success": bool(distance <= SUCCESS_RADIUS)}
+        return obs, info
+
+
+def make_eval_env(name: str, goal: str = "fixed", **kwargs) -> gym.Env:
+    """The evaluation env of ``name``; ``kwargs`` go to ``gymnasium.make``.
 
     Marking the goal cell ``'g'`` makes it the only goal location, while gymnasium-robotics still
-    draws resets from every ``0`` cell (all free cells but the goal's). The env adds
-    U(-0.25, 0.25) noise to the goal per axis at each reset; the goal is never re-drawn within an
-    episode, and the episode only ends at the horizon.
+    draws resets from every ``0`` cell (all free cells but the goal's); the goal is never re-drawn
+    within an episode, and the episode only ends at the horizon. ``goal="fixed"`` (D4RL's maze2d
+    protocol) pays against exactly the goal cell's centre, the goal of the dataset's rewards;
+    ``"moving"`` keeps gymnasium-robotics' U(−0.25, 0.25) per-axis goal noise at each reset.
     """
+    if goal not in GOAL_PROTOCOLS:
+        raise DatasetError(f"evaluation.goal={goal!r}: valid values are {list(GOAL_PROTOCOLS)}")
     spec, dense = parse_name(name)
     maze_map: list[list[int | str]] = _copy(spec.maze_map)
     maze_map[spec.goal_cell[0]][spec.goal_cell[1]] = maps.GOAL
@@ -130,7 +176,8 @@ def make_eval_env(name: str, **kwargs) -> gym.Env:
         "reset_target": False,
         "max_episode_steps": spec.horizon,
     }
-    return gym.make(spec.gym_id, maze_map=maze_map, **{**options, **kwargs})
+    env = gym.make(spec.gym_id, maze_map=maze_map, **{**options, **kwargs})
+    return FixedGoal(env, spec.goal_xy) if goal == "fixed" else env
 
 
 def relabel_rewards(achieved_xy: np.ndarray, spec: MazeSpec, dense: bool) -> np.ndarray:
@@ -160,14 +207,17 @@ def _episode_return(env: gym.Env, seed: int, policy: Callable[[dict], np.ndarray
             return total
 
 
-def reference_scores(name: str, episodes: int = 100, seed: int = 0) -> tuple[float, float]:
+def reference_scores(
+    name: str, episodes: int = 100, seed: int = 0, goal: str = "fixed"
+) -> tuple[float, float]:
     """``(R_min, R_max)``: mean returns of a uniform random policy and the noise-free controller.
 
-    Each is averaged over ``episodes`` full-horizon episodes of ``make_eval_env(name)``; episode i is
-    reset with seed ``seed + i``, and the same seed drives its random actions or waypoint jitter.
+    Each is averaged over ``episodes`` full-horizon episodes of ``make_eval_env(name, goal)``;
+    episode i is reset with seed ``seed + i``, and the same seed drives its random actions or
+    waypoint jitter. The controller steers to ``desired_goal``, the goal the env pays against.
     """
     spec, _ = parse_name(name)
-    env = make_eval_env(name)
+    env = make_eval_env(name, goal)
     random_returns, controller_returns = [], []
     try:
         for episode_seed in range(seed, seed + episodes):
@@ -376,5 +426,6 @@ def _description(
         f"boundary observation). Rewards relabeled to the fixed goal cell {spec.goal_cell} "
         f"(centre {spec.goal_xy.tolist()}): {reward}. desired_goal and infos['goal'] hold the "
         "data-collection goal, not the reward's. Reference scores: uniform random policy (min) and "
-        "noise-free controller (max) on the evaluation env."
+        "noise-free controller (max) on the evaluation env, whose goal is fixed at the goal cell's "
+        "centre (no per-reset goal noise), as in D4RL's maze2d."
     )

@@ -3,8 +3,10 @@ curves and a video. Each function writes one file and returns its path.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` (Agg canvas), never through pyplot: no
 display is needed and no global figure state is left behind. Positions are xy in the
-gymnasium-robotics PointMaze frame (see :mod:`ldcq.data.waypoints`): cell ``(row, col)`` of an
-H × W map spans ``x ∈ [col − W/2, col + 1 − W/2]``, ``y ∈ [H/2 − row − 1, H/2 − row]``.
+gymnasium-robotics maze frame: with cells of side c, cell ``(row, col)`` of an H × W map spans
+``x ∈ [(col − W/2)·c, (col + 1 − W/2)·c]``, ``y ∈ [(H/2 − row − 1)·c, (H/2 − row)·c]``. The maze
+(walls, cell side, goal) is read from the evaluation env itself (:meth:`MazeLayout.from_env`), so
+a downloaded maze dataset is drawn as faithfully as a generated one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -26,7 +29,6 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from torch import Tensor
 
 from ldcq.data.minari_io import EpisodeArrays, observation_vector
-from ldcq.data.pointmaze import MazeSpec
 from ldcq.data.windows import make_windows
 from ldcq.errors import ConfigError
 from ldcq.evaluation.rollout import Trajectories
@@ -51,36 +53,75 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _walls(maze: MazeSpec) -> np.ndarray:
-    """``(H, W)`` bool; gymnasium-robotics maps may hold ``'g'``/``'r'``/``'c'`` in free cells."""
-    return np.array([[cell == 1 for cell in row] for row in maze.maze_map], dtype=bool)
+@dataclass(frozen=True)
+class MazeLayout:
+    """A maze as the env builds it: ``walls (H, W)`` bool, the cell side ``scale`` in xy units,
+    the goal ``goal_xy (2,)`` the env pays against, and ``template``, the env's observation dict
+    right after a reset: a standing agent, moved to other xy for the Q map."""
+
+    walls: np.ndarray
+    scale: float
+    goal_xy: np.ndarray
+    template: Mapping[str, np.ndarray]
+
+    @classmethod
+    def from_env(cls, env: gym.Env, seed: int = 0) -> MazeLayout | None:
+        """The layout of a gymnasium-robotics maze env (PointMaze, AntMaze), else None."""
+        obs, _ = env.reset(seed=seed)
+        maze = getattr(env.unwrapped, "maze", None)
+        if maze is None or not isinstance(obs, Mapping) or "desired_goal" not in obs:
+            return None
+        walls = np.array([[cell == 1 for cell in row] for row in maze.maze_map], dtype=bool)
+        template = {k: np.asarray(v, dtype=np.float64) for k, v in obs.items()}
+        return cls(walls, float(maze.maze_size_scaling), template["desired_goal"].copy(), template)
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """``(left, right, bottom, top)`` in xy."""
+        h, w = self.walls.shape
+        return (-w / 2 * self.scale, w / 2 * self.scale, -h / 2 * self.scale, h / 2 * self.scale)
+
+    def cell_xy(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """xy ``(N, 2)`` of fractional cell coordinates (``rows, cols`` (N,); +0.5 is a centre)."""
+        h, w = self.walls.shape
+        return np.stack([(cols - w / 2) * self.scale, (h / 2 - rows) * self.scale], axis=1)
+
+    def states_at(self, xy: np.ndarray, obs_keys: Sequence[str]) -> np.ndarray:
+        """The template state moved to each ``xy (N, 2)``, standing: ``(N, S)``.
+
+        ``achieved_goal`` becomes xy, and so does an ``observation`` that begins with the xy
+        (PointMaze's), whose velocity is then set to 0.
+        """
+        n = len(xy)
+        obs = {k: np.repeat(v[None], n, axis=0) for k, v in self.template.items()}
+        if "achieved_goal" in obs:
+            observation = self.template.get("observation")
+            if observation is not None and np.allclose(observation[:2], obs["achieved_goal"][0]):
+                obs["observation"][:, :2] = xy
+                obs["observation"][:, 2:4] = 0.0
+            obs["achieved_goal"] = xy.astype(np.float64)
+        return observation_vector(obs, obs_keys, "maze layout").astype(np.float32)
 
 
-def _extent(maze: MazeSpec) -> tuple[float, float, float, float]:
-    h, w = len(maze.maze_map), len(maze.maze_map[0])
-    return (-w / 2, w / 2, -h / 2, h / 2)
-
-
-def _draw_maze(ax, maze: MazeSpec) -> None:
+def _draw_maze(ax, maze: MazeLayout) -> None:
     """Walls as filled cells (free cells left transparent), the goal as a star."""
-    walls = _walls(maze)
     ax.imshow(
-        np.where(walls, 1.0, np.nan),
+        np.where(maze.walls, 1.0, np.nan),
         cmap=ListedColormap([WALL]),
-        extent=_extent(maze),
+        extent=maze.extent,
         origin="upper",
         interpolation="nearest",
         zorder=2,
     )
     ax.plot(*maze.goal_xy, "*", ms=20, color="gold", mec="black", zorder=6)
-    left, right, bottom, top = _extent(maze)
+    left, right, bottom, top = maze.extent
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
     ax.set_aspect("equal")
 
 
 def plot_rollouts(
-    traj: Trajectories, path: str | Path, maze: MazeSpec | None = None, max_episodes: int = 30
+    traj: Trajectories, path: str | Path, maze: MazeLayout | None = None, max_episodes: int = 30
 ) -> Path:
     """The first ``max_episodes`` xy paths, green if the episode succeeded, red if not, each with
     a dot at its start; over the maze's walls and goal when ``maze`` is given."""
@@ -118,28 +159,20 @@ def plot_rollouts(
     return _save(fig, path)
 
 
-def _grid_states(maze: MazeSpec, resolution: int, state_dim: int):
+def _grid_states(maze: MazeLayout, resolution: int, obs_keys: Sequence[str]):
     """States on a ``resolution``² grid per free cell: ``(pixels (G, 2) row/col indices into the
-    (H·r, W·r) image, states (G, S))`` with xy set and every other dim (velocity) 0."""
-    walls = _walls(maze)
-    h, w = walls.shape
+    (H·r, W·r) image, states (G, S))``, standing (see :meth:`MazeLayout.states_at`)."""
+    h, w = maze.walls.shape
     rows, cols = np.meshgrid(np.arange(h * resolution), np.arange(w * resolution), indexing="ij")
-    free = ~walls[rows // resolution, cols // resolution]
+    free = ~maze.walls[rows // resolution, cols // resolution]
     pixels = np.stack([rows[free], cols[free]], axis=1)
-    states = np.zeros((len(pixels), state_dim), dtype=np.float32)
-    states[:, 0] = (pixels[:, 1] + 0.5) / resolution - w / 2
-    states[:, 1] = h / 2 - (pixels[:, 0] + 0.5) / resolution
-    return pixels, states
+    xy = maze.cell_xy((pixels[:, 0] + 0.5) / resolution, (pixels[:, 1] + 0.5) / resolution)
+    return pixels, maze.states_at(xy, obs_keys)
 
 
-def _cell_centres(maze: MazeSpec, state_dim: int) -> np.ndarray:
-    walls = _walls(maze)
-    h, w = walls.shape
-    cells = np.argwhere(~walls)
-    states = np.zeros((len(cells), state_dim), dtype=np.float32)
-    states[:, 0] = cells[:, 1] + 0.5 - w / 2
-    states[:, 1] = h / 2 - (cells[:, 0] + 0.5)
-    return states
+def _cell_centres(maze: MazeLayout, obs_keys: Sequence[str]) -> np.ndarray:
+    cells = np.argwhere(~maze.walls)
+    return maze.states_at(maze.cell_xy(cells[:, 0] + 0.5, cells[:, 1] + 0.5), obs_keys)
 
 
 @torch.no_grad()
@@ -159,34 +192,34 @@ def plot_q_map(
     vae,
     prior,
     q,
-    maze: MazeSpec,
+    maze: MazeLayout,
     path: str | Path,
     num_samples: int = 32,
     resolution: int = 4,
     seed: int = 0,
+    obs_keys: Sequence[str] = ("observation",),
 ) -> Path:
     """Heat map of max over K = ``num_samples`` prior latents of min(Q1, Q2) at standing states
-    (xy on a grid of ``resolution`` points per cell side, velocity 0), NaN on walls.
+    (xy on a grid of ``resolution`` points per cell side), NaN on walls; ``obs_keys`` build the
+    state from the env's observation, as in evaluation.
 
     When ``vae`` (may be None) has a state decoder, a white arrow at each free cell's centre
     points to the s_{t+H} that the decoder predicts for the greedy latent there: where the
     planner's chosen skill heads.
     """
-    state_dim = q.hparams.state_dim
-    pixels, grid = _grid_states(maze, resolution, state_dim)
-    centres = _cell_centres(maze, state_dim)
+    pixels, grid = _grid_states(maze, resolution, obs_keys)
+    centres = _cell_centres(maze, obs_keys)
     generator = torch.Generator().manual_seed(seed)
     values, latents = _best_latents(
         prior, q, np.concatenate([grid, centres]), num_samples, generator
     )
-    walls = _walls(maze)
-    image = np.full((walls.shape[0] * resolution, walls.shape[1] * resolution), np.nan)
+    image = np.full((maze.walls.shape[0] * resolution, maze.walls.shape[1] * resolution), np.nan)
     image[pixels[:, 0], pixels[:, 1]] = values[: len(grid)].numpy()
 
     fig = Figure(figsize=(7, 6))
     ax = fig.add_subplot()
     heat = ax.imshow(
-        image, cmap="viridis", extent=_extent(maze), origin="upper", interpolation="nearest"
+        image, cmap="viridis", extent=maze.extent, origin="upper", interpolation="nearest"
     )
     fig.colorbar(heat, ax=ax, shrink=0.8, label="max over K of min(Q1, Q2)")
     _draw_maze(ax, maze)
@@ -292,18 +325,72 @@ def _smooth(values: np.ndarray, span: int) -> np.ndarray:
     return out
 
 
+# Q-stage curves drawn on their own linear panel: whether they flatten shows if Q-learning converged.
+_VALUE_KEYS = ("train/q_mean", "train/target_mean")
+
+
+def late_change(steps: np.ndarray, values: np.ndarray, tail: float = 0.2) -> float:
+    """Relative change of the smoothed ``values`` over the last ``tail`` of the steps:
+    (v_end − v_start_of_tail) / |v_end|; about 0 once a curve has flattened."""
+    smooth = _smooth(values, max(1, len(values) // 20))
+    start = np.searchsorted(steps, steps[0] + (1 - tail) * (steps[-1] - steps[0]))
+    end_value = smooth[-1]
+    return float((end_value - smooth[min(start, len(smooth) - 1)]) / max(abs(end_value), 1e-12))
+
+
+def _history(client, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return np.array([m.step for m in history]), np.array([m.value for m in history], np.float64)
+
+
+def _draw_curves(ax, client, run_id: str, keys: Sequence[str], log_y: bool) -> None:
+    """``train/*`` solid (raw faint, smoothed when longer than 50 points), ``val/*`` dashed, one
+    colour per metric name; log-y when ``log_y`` and every value is positive."""
+    names = sorted({k.split("/", 1)[1] for k in keys})
+    colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    low, high = np.inf, -np.inf
+    for key in keys:
+        steps, values = _history(client, run_id, key)
+        low, high = min(low, values.min()), max(high, values.max())
+        split, name = key.split("/", 1)
+        style = {"color": colours[name], "ls": "-" if split == "train" else "--"}
+        if split == "train" and len(values) > 50:
+            ax.plot(steps, values, color=colours[name], alpha=0.2, lw=0.8)
+            values = _smooth(values, len(values) // 20)
+        ax.plot(steps, values, **style)
+    if log_y and low > 0:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_PLAIN)
+        # Within one decade there is at most one major tick: label the minor ones too.
+        ax.yaxis.set_minor_formatter(_PLAIN if high / low < 10 else NullFormatter())
+    handles = [Line2D([], [], color=colours[n], label=n) for n in names]
+    handles += [
+        Line2D([], [], color="black", ls=ls, label=split)
+        for split, ls in (("train", "-"), ("val", "--"))
+        if any(k.startswith(f"{split}/") for k in keys)
+    ]
+    ax.legend(
+        handles=handles,
+        fontsize=8,
+        frameon=False,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.15),
+        ncol=3,
+    )
+    ax.set_xlabel("step")
+
+
 def plot_training_curves(tracking_uri: str, run_ids: Mapping[str, str], path: str | Path) -> Path:
-    """One panel per stage (``run_ids``: stage name -> MLflow run id) with every ``train/*``
-    (solid; raw faint and smoothed when longer than 50 points) and ``val/*`` (dashed) metric
-    against the step, one colour per metric name; log-y where all of a panel's values are
-    positive."""
+    """One panel per trained stage, in the order of ``run_ids`` (stage name -> MLflow run id),
+    with every ``train/*`` and ``val/*`` metric against the step; a stage without such metrics
+    gets no panel. The Q stage's ``q_mean`` and ``target_mean`` get a linear panel of their own,
+    titled with q_mean's change over the last 20 % of steps: near 0 once Q-learning converged."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    fig = Figure(figsize=(5 * max(1, len(run_ids)), 4))
-    axes = fig.subplots(1, max(1, len(run_ids)), squeeze=False)[0]
-    for ax, (stage, run_id) in zip(axes, run_ids.items(), strict=False):
+    panels = []  # (title, run id, keys, log-y)
+    for stage, run_id in run_ids.items():
         try:
             keys = sorted(client.get_run(run_id).data.metrics)
         except MlflowException as exc:
@@ -312,44 +399,32 @@ def plot_training_curves(tracking_uri: str, run_ids: Mapping[str, str], path: st
                 f"({exc.message}); pass the run ids of this tracking store"
             ) from exc
         keys = [k for k in keys if k.startswith(("train/", "val/"))]
-        names = sorted({k.split("/", 1)[1] for k in keys})
-        colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
-        low, high = np.inf, -np.inf
-        for key in keys:
-            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-            steps = np.array([m.step for m in history])
-            values = np.array([m.value for m in history], dtype=np.float64)
-            low, high = min(low, values.min()), max(high, values.max())
-            split, name = key.split("/", 1)
-            style = {"color": colours[name], "ls": "-" if split == "train" else "--"}
-            if split == "train" and len(values) > 50:
-                ax.plot(steps, values, color=colours[name], alpha=0.2, lw=0.8)
-                values = _smooth(values, len(values) // 20)
-            ax.plot(steps, values, **style)
-        if keys and low > 0:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(_PLAIN)
-            # Within one decade there is at most one major tick: label the minor ones too.
-            ax.yaxis.set_minor_formatter(_PLAIN if high / low < 10 else NullFormatter())
-        if keys:
-            handles = [Line2D([], [], color=colours[n], label=n) for n in names]
-            handles += [
-                Line2D([], [], color="black", ls=ls, label=split)
-                for split, ls in (("train", "-"), ("val", "--"))
-                if any(k.startswith(f"{split}/") for k in keys)
-            ]
-            ax.legend(
-                handles=handles,
-                fontsize=8,
-                frameon=False,
-                loc="upper center",
-                bbox_to_anchor=(0.5, -0.15),
-                ncol=3,
-            )
-        else:
-            ax.text(0.5, 0.5, "no train/ or val/ metrics", ha="center", transform=ax.transAxes)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
+        values = [k for k in keys if k in _VALUE_KEYS]
+        rest = [k for k in keys if k not in _VALUE_KEYS]
+        if rest:
+            panels.append((stage, run_id, rest, True))
+        if values:
+            title = f"{stage}: values"
+            if "train/q_mean" in values:
+                change = late_change(*_history(client, run_id, "train/q_mean"))
+                verdict = (
+                    "still rising"
+                    if change > 0.02
+                    else "flat"
+                    if abs(change) <= 0.02
+                    else "falling"
+                )
+                title += f"\nq_mean {change:+.1%} over the last 20 % of steps ({verdict})"
+            panels.append((title, run_id, values, False))
+    fig = Figure(figsize=(5 * max(1, len(panels)), 4))
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    for ax, (title, run_id, keys, log_y) in zip(axes, panels, strict=False):
+        _draw_curves(ax, client, run_id, keys, log_y)
+        ax.set_title(title)
+    if not panels:
+        axes[0].text(
+            0.5, 0.5, "no train/ or val/ metrics", ha="center", transform=axes[0].transAxes
+        )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -464,7 +539,7 @@ def make_pictures(
     out_dir: str | Path,
     *,
     traj: Trajectories | None,
-    maze: MazeSpec | None,
+    maze: MazeLayout | None,
     vae,
     prior,
     q,
@@ -486,7 +561,7 @@ def make_pictures(
     if traj is not None:
         written["rollouts"] = plot_rollouts(traj, out / "rollouts.png", maze)
     if maze is not None and prior is not None and q is not None:
-        written["q_map"] = plot_q_map(vae, prior, q, maze, out / "q_map.png")
+        written["q_map"] = plot_q_map(vae, prior, q, maze, out / "q_map.png", obs_keys=obs_keys)
     if vae is not None and episodes is not None:
         written["latents"] = plot_latents(vae, prior, episodes, out / "latents.png")
     if tracking_uri and run_ids:

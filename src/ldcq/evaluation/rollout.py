@@ -8,33 +8,80 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import gymnasium as gym
 import numpy as np
 
 from ldcq.data.minari_io import canonical_id, observation_vector
+from ldcq.errors import ConfigError
 
 
-def env_factory(dataset: str) -> tuple[Callable[..., gym.Env], str]:
-    """``(make_env, family)`` of the evaluation env that belongs to a dataset; ``make_env(**kw)``
-    forwards keyword arguments (e.g. ``render_mode``) to the env.
+@dataclass(frozen=True)
+class Protocol:
+    """How a dataset's agent is evaluated.
 
-    Generated PointMaze datasets use their fixed-goal env; downloaded ones the ``eval_env`` that
-    Minari recorded in the dataset.
+    ``make_env(**kw)`` builds the evaluation env (keyword arguments such as ``render_mode`` go to
+    the env); ``family`` is ``maze2d``, ``antmaze``, ``kitchen`` or ``other``; ``description``
+    says what the env pays, for the run summary and ``spec.json``; ``ref_scores`` are
+    ``(R_min, R_max)`` under this very protocol (None where the dataset has none).
+    """
+
+    make_env: Callable[..., gym.Env]
+    family: str
+    description: str
+    ref_scores: tuple[float | None, float | None]
+
+
+def evaluation_protocol(
+    dataset: str, goal: str = "fixed", stored_ref: tuple[float | None, float | None] = (None, None)
+) -> Protocol:
+    """The protocol of ``dataset``: a generated PointMaze dataset is evaluated with its goal
+    ``fixed`` at the goal of its rewards (D4RL's maze2d protocol; its stored reference scores
+    were computed so) or ``moving`` as gymnasium-robotics moves it (reference scores computed
+    here under that protocol); a downloaded dataset on the eval env that Minari recorded, with
+    ``stored_ref``.
     """
     from ldcq.data import pointmaze
 
+    if goal not in pointmaze.GOAL_PROTOCOLS:
+        raise ConfigError(
+            f"evaluation.goal={goal!r}: valid values are {list(pointmaze.GOAL_PROTOCOLS)}"
+        )
     dataset_id = canonical_id(dataset)
     name = pointmaze.name_for_id(dataset_id)
     if name is not None:
-        return partial(pointmaze.make_eval_env, name), "maze2d"
+        make_env = partial(pointmaze.make_eval_env, name, goal)
+        if goal == "fixed":
+            radius = pointmaze.SUCCESS_RADIUS
+            description = (
+                f"fixed goal: pays within {radius} of the goal cell's centre, the goal of the "
+                f"dataset's rewards (D4RL maze2d)"
+            )
+            return Protocol(make_env, "maze2d", description, stored_ref)
+        description = (
+            "moving goal: gymnasium-robotics' goal, moved by U(-0.25, 0.25) per axis at every reset"
+        )
+        return Protocol(make_env, "maze2d", description, _moving_goal_ref_scores(name))
+    if goal != "fixed":
+        raise ConfigError(
+            f"evaluation.goal={goal!r} applies to the generated mazes only; {dataset_id} is "
+            f"evaluated on the eval env it records: leave evaluation.goal=fixed"
+        )
     from ldcq.data.minari_io import load_dataset
 
     minari_dataset = load_dataset(dataset_id)
     family = "antmaze" if "antmaze" in dataset_id else "kitchen" if "kitchen" in dataset_id else ""
     family = family or ("maze2d" if "pointmaze" in dataset_id else "other")
-    return partial(minari_dataset.recover_environment, eval_env=True), family
+    make_env = partial(minari_dataset.recover_environment, eval_env=True)
+    return Protocol(make_env, family, f"the eval env recorded in {dataset_id}", stored_ref)
+
+
+@lru_cache(maxsize=8)
+def _moving_goal_ref_scores(name: str) -> tuple[float, float]:
+    from ldcq.data import pointmaze
+
+    return pointmaze.reference_scores(name, goal="moving")
 
 
 @dataclass
@@ -73,8 +120,9 @@ def evaluate(
 
     Metrics: return mean/std, normalized score 100·(R − R_min)/(R_max − R_min) with the dataset's
     reference scores (mean and std over episodes), success rate (``info["success"]`` at any step),
-    episode length, and the official maze2d "first-hit" score (horizon − first rewarded step, 0
-    if never) labeled as such, and that score normalized with the same reference scores (the
+    episode length, and the official maze2d "first-hit" score (horizon − the first step at which
+    the env reports ``success``, or with no success signal the first rewarded step; 0 if never)
+    labeled as such, and that score normalized with the same reference scores (the
     figure the paper's maze2d table reports): both beside the return, never instead of it.
     """
     num_envs = max(1, min(num_envs, episodes))
@@ -102,10 +150,14 @@ def evaluate(
                 obs, reward, terminated, truncated, info = venv.step(actions)
                 reward = np.asarray(reward, dtype=np.float64)
                 returns[ids] += np.where(active, reward, 0.0)[:n]
-                hit = active[:n] & (reward[:n] > 0) & (first_hit[ids] < 0)
-                first_hit[ids[hit]] = t
                 if "success" in info:
-                    success[ids] |= active[:n] & np.asarray(info["success"], dtype=bool)[:n]
+                    reached = np.asarray(info["success"], dtype=bool)[:n]
+                    success[ids] |= active[:n] & reached
+                else:
+                    # Without a success signal a reward marks the goal: sparse rewards only.
+                    reached = reward[:n] > 0
+                hit = active[:n] & reached & (first_hit[ids] < 0)
+                first_hit[ids[hit]] = t
                 ended = np.asarray(terminated) | np.asarray(truncated)
                 done = active & ended
                 lengths[ids[done[:n]]] = t + 1

@@ -94,6 +94,8 @@ class LatentTransitionDataModule(FrozenVAEDataModule):
         stride: step between window starts.
         batch_size: B.
         prioritized: prioritized replay (α, β schedule, eps below) instead of uniform sampling.
+        per_beta_steps: batches over which β goes from ``per_beta_start`` to ``per_beta_end``;
+            None: the trainer's ``max_steps`` (so β reaches its end within the run).
         seed: seed of the draws: batch n of rank r is drawn with ``(seed, r, n)`` when its step
             begins (:mod:`ldcq.data.batches`), so it sees every priority written before it.
         obs_keys: fields of a dict observation concatenated into the state.
@@ -112,7 +114,7 @@ class LatentTransitionDataModule(FrozenVAEDataModule):
         per_alpha: float = 0.6,
         per_beta_start: float = 0.3,
         per_beta_end: float = 1.0,
-        per_beta_steps: int = 100_000,
+        per_beta_steps: int | None = None,
         per_eps: float = 5e-6,
         seed: int = 0,
         obs_keys: list[str] | None = None,
@@ -185,11 +187,22 @@ class LatentTransitionDataModule(FrozenVAEDataModule):
                 alpha=hp.per_alpha,
                 beta_start=hp.per_beta_start,
                 beta_end=hp.per_beta_end,
-                beta_steps=hp.per_beta_steps,
+                beta_steps=self._beta_steps(),
                 eps=hp.per_eps,
                 seed=hp.seed,
             )
             self.replay.add(n)
+
+    def _beta_steps(self) -> int:
+        if self.hparams.per_beta_steps is not None:
+            return self.hparams.per_beta_steps
+        trainer = self.trainer
+        if trainer is None or trainer.max_steps < 1:
+            raise ConfigError(
+                "data.per_beta_steps is needed when the trainer has no max_steps (β anneals over "
+                "the stage's max_steps by default)"
+            )
+        return trainer.max_steps
 
     def batches_per_epoch(self, world_size: int) -> int:
         return self.hparams.steps_per_epoch

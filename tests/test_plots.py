@@ -116,7 +116,7 @@ def test_grid_states_follow_obs_keys_and_the_cell_size():
         {"achieved_goal": np.zeros(2), "observation": np.arange(27.0), "desired_goal": np.ones(2)},
     )
     _, states = plots._grid_states(ant, 1, ["achieved_goal", "observation"])
-    assert states.shape == (7, 29) and np.abs(states[:, :2]).max() == 6.0
+    assert states.shape == (7, 29) and np.abs(states[:, :2]).max() == 4.0  # 1 cell × 4
     np.testing.assert_array_equal(states[:, 2:], np.repeat(np.arange(27.0)[None], 7, axis=0))
 
 

@@ -76,14 +76,17 @@ train-kitchen: $(STAMP) ## D4RL/kitchen/<KITCHEN>-v2 via Minari (KITCHEN=mixed|p
 	$(BIN)/ldcq pipeline run pipelines/kitchen-mixed.yaml --scale $(scale) \
 		dataset=D4RL/kitchen/$(KITCHEN)-v2 name=kitchen-$(KITCHEN) $(ARGS)
 
-.PHONY: bench bench-score
+.PHONY: bench bench-score results
 
 bench: $(STAMP) ## stage speed, latency, memory, FLOP/s → bench/results/ (ARGS="--device cuda --precision bf16-mixed")
 	$(BIN)/python -m ldcq.bench.perf --scale $(or $(SCALE),paper) $(ARGS)
 
-bench-score: $(STAMP) ## score ± std over SEEDS=3 of PIPELINE=pointmaze-umaze vs BC, SCALE=quick|cpu|paper
+bench-score: $(STAMP) ## LDCQ, prior and BC over SEEDS=3 of PIPELINE=pointmaze-umaze, SCALE=quick|cpu|paper → results/
 	$(BIN)/python -m ldcq.bench.score --pipeline pipelines/$(PIPELINE).yaml --seeds $(SEEDS) \
 		--scale $(or $(SCALE),quick) $(ARGS)
+
+results: $(STAMP) ## regenerate the README's results table from results/*.json
+	$(BIN)/python -m ldcq.bench.results
 
 mlflow-ui: $(STAMP) ## browse experiments at http://127.0.0.1:5000 (MLFLOW_PORT=…, MLFLOW_HOST=…)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)

@@ -121,7 +121,9 @@ def test_rollout_metrics_match_a_hand_computation():
     # normalized with the dataset's reference scores: 100 * (3 - 1) / (5 - 1)
     assert metrics["eval/normalized_score"] == pytest.approx(50.0)
     # the official first-hit score, normalized the same way: 100 * (8.33 - 1) / (5 - 1)
-    assert metrics["eval/first_hit_normalized"] == pytest.approx(100 * ((10 - first_hit).mean() - 1) / 4)
+    assert metrics["eval/first_hit_normalized"] == pytest.approx(
+        100 * ((10 - first_hit).mean() - 1) / 4
+    )
     assert np.isnan(traj.positions[1, 4:]).all() and not np.isnan(traj.positions[1, :4]).any()
 
 

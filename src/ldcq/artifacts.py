@@ -106,6 +106,15 @@ class Artifact:
         return json.loads((self.path / "metrics.json").read_text())
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old
+    file or the new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def is_done(path: str | Path) -> bool:
     return (Path(path) / DONE).is_file()
 

@@ -1,13 +1,19 @@
 """`make bench-score`: normalized score, success rate and wall time per stage of a maze2d pipeline
-over N seeds, beside the behaviour-cloning baseline on the same data.
+over N seeds, beside its baselines on the same data.
 
 For each seed i it runs ``ldcq pipeline run <pipeline> --scale <scale> seed=i
-evaluation.selector=q`` (LDCQ), then the same command with ``evaluation.selector=vae-prior`` (the
-VAE's decoder driven by its own Gaussian prior: behaviour cloning), which reuses the trained
-stages and only evaluates. Each command's MLflow parent run names the artifacts it used (tags
-``fingerprint.<stage>``) and the wall time of each stage (metrics ``time/<stage>_s``); the scores
-are read from ``<checkpoints_dir>/<pipeline>/evaluation-<fingerprint>/metrics.json``. A stage whose
-artifact was finished before the command started is reported as cached, not timed.
+evaluation.selector=q`` (LDCQ), then the same command with ``evaluation.selector=prior`` (one
+diffusion-prior sample, no Q) and ``vae-prior`` (the VAE's decoder driven by its own Gaussian
+prior: behaviour cloning), which reuse the trained stages and only evaluate. Each command's MLflow
+parent run names the artifacts it used (tags ``fingerprint.<stage>``) and the wall time of each
+stage (metrics ``time/<stage>_s``); the scores are read from
+``<checkpoints_dir>/<pipeline>/evaluation-<fingerprint>/metrics.json``. A stage whose artifact was
+finished before the command started is reported as cached, not timed.
+
+Every run is recorded, as soon as it ends, in ``results/<pipeline>-<scale>.json`` (per run: seed,
+method, metrics, config hash, stage fingerprints, git sha, the exact command, wall times, the
+evaluation protocol); a run of the same seed, method and config replaces its earlier record.
+``make results`` renders the README's results table from those files (:mod:`ldcq.bench.results`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,8 @@ from ldcq.errors import ConfigError, LdcqError
 
 METHODS = {"q": "LDCQ", "prior": "diffusion prior, no Q", "vae-prior": "BC (VAE prior)"}
 SCORES = ("eval/normalized_score", "eval/success_rate", "eval/return_mean")
-# Reported when the evaluation has it (the official maze2d first-hit score, normalized).
-EXTRA_SCORES = ("eval/first_hit_normalized",)
+# Reported when the evaluation has them (the official maze2d first-hit score, and normalized).
+EXTRA_SCORES = ("eval/first_hit_normalized", "eval/first_hit_score")
 _CLI = [sys.executable, "-m", "ldcq.cli"]
 
 
@@ -104,14 +109,39 @@ def run_once(
     missing = [k for k in SCORES if k not in metrics]
     if missing:
         raise ConfigError(f"{evaluation}/metrics.json lacks {missing}; the evaluation changed?")
+    from omegaconf import OmegaConf
+
+    from ldcq.artifacts import fingerprint, git_sha
+
+    spec = json.loads((evaluation / "spec.json").read_text())
     return {
         "seed": seed,
         "selector": selector,
+        "method": METHODS.get(selector, selector),
+        "command": " ".join(["ldcq", *cmd[3:]]),
+        "git_sha": git_sha(),
+        "config_hash": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
+        "fingerprints": {s: parent.data.tags.get(f"fingerprint.{s}") for s in stages},
+        "protocol": spec.get("protocol"),
         "command_s": command_s,
         "stage_s": times,
         "metrics": {k: float(metrics[k]) for k in (*SCORES, *EXTRA_SCORES) if k in metrics},
         "artifact": str(evaluation),
     }
+
+
+def record(path: Path, meta: dict[str, Any], run: dict[str, Any]) -> None:
+    """Add ``run`` to the results file at ``path`` (written atomically), replacing a record of the
+    same seed, method and config."""
+    from ldcq.artifacts import atomic_write_text
+
+    data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    key = (run["seed"], run["selector"], run["config_hash"])
+    runs = [r for r in data["runs"] if (r["seed"], r["selector"], r["config_hash"]) != key]
+    runs.append(run)
+    runs.sort(key=lambda r: (r["selector"], r["seed"], r["config_hash"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({**data, **meta, "runs": runs}, indent=2) + "\n")
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -182,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1")
     p.add_argument("--scale", default="quick", choices=["quick", "cpu", "paper"])
     p.add_argument(
-        "--selectors", default="q,vae-prior", help="evaluation.selector values, comma-separated"
+        "--selectors",
+        default="q,prior,vae-prior",
+        help="evaluation.selector values, comma-separated",
     )
-    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--out-dir", default="results", help="where <pipeline>-<scale>.json goes")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     return p
 
@@ -206,32 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(pipeline, args.overrides, scale=args.scale)
         ensure_dataset(cfg.dataset)
         selectors = [s for s in args.selectors.split(",") if s]
-        runs = [
-            run_once(pipeline, args.scale, seed, selector, args.overrides, stages)
-            for seed in range(args.seeds)
-            for selector in selectors
-        ]
+        path = Path(args.out_dir) / f"{cfg.name}-{args.scale}.json"
+        meta = {"pipeline": cfg.name, "pipeline_file": str(pipeline), "scale": args.scale}
+        meta["bench_command"] = " ".join(["python -m ldcq.bench.score", *(argv or sys.argv[1:])])
+        runs = []
+        for seed in range(args.seeds):
+            for selector in selectors:
+                runs.append(run_once(pipeline, args.scale, seed, selector, args.overrides, stages))
+                record(path, {**meta, "host": socket.gethostname()}, runs[-1])
     except (LdcqError, subprocess.CalledProcessError) as exc:
         print(f"ldcq bench-score: error: {exc}", file=sys.stderr)
         return 2
     summary = summarize(runs, stages)
-    now = datetime.now()
-    report = {
-        "meta": {
-            "date": now.isoformat(timespec="seconds"),
-            "host": socket.gethostname(),
-            "pipeline": str(pipeline),
-            "scale": args.scale,
-            "seeds": args.seeds,
-            "overrides": args.overrides,
-        },
-        "summary": summary,
-        "runs": runs,
-    }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{now:%Y-%m-%d-%H%M%S}-{socket.gethostname()}-score-{cfg.name}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
     title = f"{cfg.name}, {args.scale} scale, seeds 0–{args.seeds - 1} (mean ± std over seeds)"
     print_summary(summary, stages, title, console)
     console.print(f"wrote {path}")

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ldcq.artifacts import ArtifactError
+from ldcq.artifacts import ArtifactError, atomic_write_text
 from ldcq.errors import ConfigError
 from ldcq.models import SAMPLERS
 from ldcq.stages.common import check_positive
@@ -334,17 +334,11 @@ def generate_bank(
             stale.unlink(missing_ok=True)
         tmp = consolidate(chunk_dir, bank_path, tuple(request["shape"]))
         # bank.json goes first: a bank.npy is never seen without the request it answers.
-        _atomic_write_text(meta_path, json.dumps(request, indent=2, sort_keys=True))
+        atomic_write_text(meta_path, json.dumps(request, indent=2, sort_keys=True))
         os.replace(tmp, bank_path)
         shutil.rmtree(bank_dir / CHUNK_DIR, ignore_errors=True)
     trainer.strategy.barrier("bank-done")
     return bank_path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def open_bank(path: str | Path) -> np.ndarray:

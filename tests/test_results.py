@@ -1,0 +1,70 @@
+"""Committed results: bench-score's records and the README table `make results` renders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ldcq.bench import results
+from ldcq.bench.score import record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(seed, selector, score, config="abc123", stage_s=None):
+    return {
+        "seed": seed,
+        "selector": selector,
+        "method": {"q": "LDCQ", "vae-prior": "BC (VAE prior)"}[selector],
+        "config_hash": config,
+        "protocol": "fixed goal: pays within 0.45 of the goal cell's centre",
+        "stage_s": stage_s or {"skill_vae": 1800.0, "evaluation": None},
+        "metrics": {
+            "eval/normalized_score": score,
+            "eval/first_hit_normalized": score + 50,
+            "eval/success_rate": 0.5,
+        },
+    }
+
+
+def test_a_rerun_replaces_its_record_and_others_are_kept(tmp_path):
+    path = tmp_path / "pointmaze-umaze-cpu.json"
+    meta = {"pipeline": "pointmaze-umaze", "scale": "cpu"}
+    record(path, meta, _run(0, "q", 10.0))
+    record(path, meta, _run(1, "q", 20.0))
+    record(path, meta, _run(0, "q", 30.0))  # the same seed, method and config again
+    record(path, meta, _run(0, "q", 40.0, config="other"))
+    data = json.loads(path.read_text())
+    assert data["pipeline"] == "pointmaze-umaze" and len(data["runs"]) == 3
+    scores = {
+        (r["seed"], r["config_hash"]): r["metrics"]["eval/normalized_score"] for r in data["runs"]
+    }
+    assert scores == {(0, "abc123"): 30.0, (1, "abc123"): 20.0, (0, "other"): 40.0}
+
+
+def test_the_table_is_mean_and_std_over_seeds_per_method_and_config(tmp_path):
+    path = tmp_path / "pointmaze-umaze-cpu.json"
+    meta = {"pipeline": "pointmaze-umaze", "scale": "cpu"}
+    for seed, score in enumerate((50.0, 60.0, 70.0)):
+        record(path, meta, _run(seed, "q", score))
+        record(path, meta, _run(seed, "vae-prior", 10.0, stage_s={"evaluation": 36.0}))
+    text = results.table([path])
+    rows = [line for line in text.splitlines() if line.startswith("| pointmaze")]
+    assert rows[0] == (
+        "| pointmaze-umaze (cpu) | LDCQ (`q`) | 0, 1, 2 | 60.0 ± 10.0 | 110.0 ± 10.0 | 50 ± 0 "
+        "| 0.50 ± 0.00 | `abc123` |"
+    )
+    assert rows[1].startswith(
+        "| pointmaze-umaze (cpu) | BC (VAE prior) (`vae-prior`) | 0, 1, 2 | 10.0"
+    )
+    assert (
+        "`results/pointmaze-umaze-cpu.json`" in text and "Evaluation protocol: fixed goal" in text
+    )
+    readme = f"intro\n{results.BEGIN}\nold\n{results.END}\nrest\n"
+    assert results.render(readme, text) == f"intro\n{results.BEGIN}\n{text}\n{results.END}\nrest\n"
+
+
+def test_the_readme_table_is_generated_from_the_committed_results(monkeypatch):
+    # `make results` was run after the last results file changed: the README says what they say.
+    monkeypatch.chdir(REPO)
+    assert results.main(["--check"]) == 0

@@ -17,6 +17,7 @@ def _run(seed, selector, score, config="abc123", stage_s=None):
         "selector": selector,
         "method": {"q": "LDCQ", "vae-prior": "BC (VAE prior)"}[selector],
         "config_hash": config,
+        "fingerprints": {"skill_vae": "fp-vae", "evaluation": f"fp-{selector}"},
         "protocol": "fixed goal: pays within 0.45 of the goal cell's centre",
         "stage_s": stage_s or {"skill_vae": 1800.0, "evaluation": None},
         "metrics": {

@@ -132,12 +132,19 @@ def run_once(
 
 def record(path: Path, meta: dict[str, Any], run: dict[str, Any]) -> None:
     """Add ``run`` to the results file at ``path`` (written atomically), replacing a record of the
-    same seed, method and config."""
+    same seed, method and config; a stage the new run found cached keeps the earlier record's
+    time for the same artifact (fingerprint)."""
     from ldcq.artifacts import atomic_write_text
 
     data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     key = (run["seed"], run["selector"], run["config_hash"])
-    runs = [r for r in data["runs"] if (r["seed"], r["selector"], r["config_hash"]) != key]
+    same = [r for r in data["runs"] if (r["seed"], r["selector"], r["config_hash"]) == key]
+    runs = [r for r in data["runs"] if r not in same]
+    # A stage this run found finished keeps the time measured when it was trained.
+    for old in same:
+        for stage, seconds in run["stage_s"].items():
+            if seconds is None and old["fingerprints"].get(stage) == run["fingerprints"][stage]:
+                run["stage_s"][stage] = old["stage_s"].get(stage)
     runs.append(run)
     runs.sort(key=lambda r: (r["selector"], r["seed"], r["config_hash"]))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -142,10 +142,21 @@ def test_training_curves_from_mlflow(tmp_path):
     metrics += [Metric("train/q_mean", t - 30.0, now, t) for t in range(60)]
     metrics += [Metric("val/loss", 0.5, now, 59), Metric("eval/success_rate", 0.5, now, 0)]
     runs = {}
-    for stage in ("skill_vae", "latent_bcq"):
+    for stage in ("skill_vae", "latent_bcq", "evaluation"):
         runs[stage] = client.create_run(experiment).info.run_id
-        client.log_batch(runs[stage], metrics=metrics)
+        client.log_batch(runs[stage], metrics=metrics if stage != "evaluation" else metrics[-1:])
     assert _written(plots.plot_training_curves(uri, runs, tmp_path / "curves.png"))
+    # panels follow the given (pipeline) order; a stage without train/val curves gets none; the
+    # Q values have their own linear panel that says whether q_mean still rises
+    panels = plots.curve_panels(client, runs)
+    assert [title.split(":")[0].split("\n")[0] for title, *_ in panels] == [
+        "skill_vae",
+        "skill_vae",
+        "latent_bcq",
+        "latent_bcq",
+    ]
+    title, _, keys, log_y = panels[-1]
+    assert keys == ["train/q_mean"] and not log_y and "(still rising)" in title
     # q_mean rises to the end: the Q panel says so
     assert plots.late_change(np.arange(60), np.arange(60) - 30.0) > 0.1
     assert abs(plots.late_change(np.arange(60), np.full(60, 3.0))) < 1e-9

@@ -380,16 +380,11 @@ def _draw_curves(ax, client, run_id: str, keys: Sequence[str], log_y: bool) -> N
     ax.set_xlabel("step")
 
 
-def plot_training_curves(tracking_uri: str, run_ids: Mapping[str, str], path: str | Path) -> Path:
-    """One panel per trained stage, in the order of ``run_ids`` (stage name -> MLflow run id),
-    with every ``train/*`` and ``val/*`` metric against the step; a stage without such metrics
-    gets no panel. The Q stage's ``q_mean`` and ``target_mean`` get a linear panel of their own,
-    titled with q_mean's change over the last 20 % of steps: near 0 once Q-learning converged."""
+def curve_panels(client, run_ids: Mapping[str, str], tracking_uri: str = "") -> list[tuple]:
+    """``(title, run id, metric keys, log-y)`` of each panel of :func:`plot_training_curves`."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    panels = []  # (title, run id, keys, log-y)
+    panels = []
     for stage, run_id in run_ids.items():
         try:
             keys = sorted(client.get_run(run_id).data.metrics)
@@ -416,6 +411,18 @@ def plot_training_curves(tracking_uri: str, run_ids: Mapping[str, str], path: st
                 )
                 title += f"\nq_mean {change:+.1%} over the last 20 % of steps ({verdict})"
             panels.append((title, run_id, values, False))
+    return panels
+
+
+def plot_training_curves(tracking_uri: str, run_ids: Mapping[str, str], path: str | Path) -> Path:
+    """One panel per trained stage, in the order of ``run_ids`` (stage name -> MLflow run id),
+    with every ``train/*`` and ``val/*`` metric against the step; a stage without such metrics
+    gets no panel. The Q stage's ``q_mean`` and ``target_mean`` get a linear panel of their own,
+    titled with q_mean's change over the last 20 % of steps: near 0 once Q-learning converged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    panels = curve_panels(client, run_ids, tracking_uri)
     fig = Figure(figsize=(5 * max(1, len(panels)), 4))
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
     for ax, (title, run_id, keys, log_y) in zip(axes, panels, strict=False):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ldcq.bench import results
 from ldcq.bench.score import record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(seed, selector, score, config="abc123", stage_s=None):

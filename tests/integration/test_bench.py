@@ -14,7 +14,7 @@ from ldcq.bench.perf import TRAINED, BenchConfig, run_bench
 from ldcq.bench.report import print_report, write_report
 from ldcq.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("meta", "peak", "train", "sampling", "bank", "q_learning", "latency")
 
 

@@ -270,11 +270,3 @@ def check_dims(artifact: Artifact, expected: Mapping[str, Any], consumer: str) -
             f"artifact {artifact.path} does not fit {consumer} ({detail}); use an artifact "
             f"trained on the same dataset and dims"
         )
-
-
-def remove_unfinished(path: str | Path) -> None:
-    """Delete a folder left by an interrupted write (never a finished artifact)."""
-    folder = Path(path)
-    if folder.exists() and not is_done(folder):
-        with contextlib.suppress(OSError):
-            shutil.rmtree(folder)

@@ -768,14 +768,12 @@ def decision_times(
 ) -> tuple[float, float, str]:
     """(seconds per re-plan, seconds per env step between re-plans, what was timed).
 
-    ``ldcq.evaluation.policy.LDCQPolicy`` when it exists (it takes numpy states, so CPU only);
-    otherwise the same computation written out here.
+    ``ldcq.evaluation.policy.LDCQPolicy`` on a CPU (it takes numpy states); on an accelerator the
+    same computation on device tensors, written out here.
     """
-    try:
-        from ldcq.evaluation.policy import LDCQPolicy
-    except ImportError:
-        LDCQPolicy = None
-    if LDCQPolicy is not None and cfg.device == "cpu":
+    from ldcq.evaluation.policy import LDCQPolicy
+
+    if cfg.device == "cpu":
         policy = LDCQPolicy(vae, prior, q, selector="q", num_samples=k, replan_every=every)
         s = states.numpy()
 

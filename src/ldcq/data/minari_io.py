@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ldcq.data import names
+from ldcq.data.names import canonical_id
 from ldcq.errors import DatasetError
 
 # Datasets this project generates live under their own namespace; they are never downloadable.
@@ -30,30 +32,19 @@ def datasets_root() -> Path:
     return Path(env) if env else Path.home() / ".minari" / "datasets"
 
 
-def canonical_id(name_or_id: str) -> str:
-    """Map a generated dataset's short name (``pointmaze-umaze``) to its id; pass ids through."""
-    from ldcq.data import pointmaze
-
-    if name_or_id in pointmaze.GENERATED_NAMES:
-        return pointmaze.dataset_id(name_or_id)
-    return name_or_id
-
-
 def _generate_hint(dataset_id: str) -> str:
-    from ldcq.data import pointmaze
-
-    name = pointmaze.name_for_id(dataset_id)
+    name = names.name_for_id(dataset_id)
     if name is not None:
         older = [
-            pointmaze.dataset_id(name, v)
-            for v in range(pointmaze.VERSION)
-            if (datasets_root() / pointmaze.dataset_id(name, v)).exists()
+            names.dataset_id(name, v)
+            for v in range(names.VERSION)
+            if (datasets_root() / names.dataset_id(name, v)).exists()
         ]
         note = f" (the older {', '.join(older)} is not used: its evaluation goal moved)" * bool(
             older
         )
         return f"generate it with `ldcq data generate {name}`{note}"
-    return "the datasets this project generates are: " + ", ".join(pointmaze.GENERATED_NAMES)
+    return "the datasets this project generates are: " + ", ".join(names.GENERATED_NAMES)
 
 
 def _remote_reachable(timeout: float = 3.0) -> bool:
@@ -81,15 +72,13 @@ def load_dataset(name_or_id: str, download: bool = True):
             f"dataset id {dataset_id!r} is not a Minari id: expected 'namespace/name-vN' such as "
             f"'D4RL/antmaze/large-diverse-v1' or a generated name such as 'pointmaze-umaze'"
         )
-    from ldcq.data import pointmaze
-
-    outdated = pointmaze.outdated_name(dataset_id)
+    outdated = names.outdated_name(dataset_id)
     if outdated is not None:
         raise DatasetError(
             f"dataset {dataset_id!r} is an older version of {outdated}, generated when its "
             f"evaluation goal moved at every reset, so its reference scores belong to another "
             f"protocol; generate the current one with `ldcq data generate {outdated}` and use "
-            f"`dataset={outdated}` (id {pointmaze.dataset_id(outdated)})"
+            f"`dataset={outdated}` (id {names.dataset_id(outdated)})"
         )
     local = datasets_root() / dataset_id / "data"
     if local.exists():

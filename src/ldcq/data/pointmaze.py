@@ -10,10 +10,8 @@ The evaluation env pays against exactly the goal the rewards were relabeled to, 
 protocol (:func:`make_eval_env`); ``goal="moving"`` gives gymnasium-robotics' own goal, moved by
 U(−0.25, 0.25) per axis at every reset, for agents that observe it (``desired_goal``).
 
-Names are ``pointmaze-<maze>[-dense]``; datasets live under the ``ldcq/pointmaze`` namespace, which
-never collides with the downloadable ``D4RL/pointmaze/*`` ids. ``VERSION`` is their version: v0
-datasets were made when the evaluation goal moved, so their reference scores belong to another
-protocol, and they are refused with the command that regenerates them.
+Names, ids and versions are in :mod:`ldcq.data.names` (re-exported here), which imports no
+simulator.
 """
 
 from __future__ import annotations
@@ -35,6 +33,16 @@ from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ldcq.data.names import (
+    GENERATED_NAMES,
+    NAMESPACE,
+    VERSION,
+    UnknownDatasetName,
+    dataset_id,
+    name_for_id,
+    outdated_name,
+    split_name,
+)
 from ldcq.data.waypoints import WaypointController, cell_centre
 from ldcq.errors import DatasetError
 
@@ -45,14 +53,29 @@ with contextlib.redirect_stderr(io.StringIO()):
 
 gym.register_envs(gymnasium_robotics)
 
-NAMESPACE = "ldcq/pointmaze"
-# v1: the evaluation goal is fixed at the reward's goal (v0: moved per reset).
-VERSION = 1
 GOAL_PROTOCOLS = ("fixed", "moving")
 ACTION_NOISE_STD = 0.5
 # gymnasium-robotics counts a goal reached within this distance (D4RL used 0.5).
 SUCCESS_RADIUS = 0.45
 _PROGRESS_EVERY = 1000
+__all__ = [
+    "GENERATED_NAMES",
+    "MAZES",
+    "NAMESPACE",
+    "VERSION",
+    "DatasetExists",
+    "FixedGoal",
+    "MazeSpec",
+    "UnknownDatasetName",
+    "dataset_id",
+    "generate_dataset",
+    "make_eval_env",
+    "name_for_id",
+    "outdated_name",
+    "parse_name",
+    "reference_scores",
+    "relabel_rewards",
+]
 
 
 @dataclass(frozen=True)
@@ -87,13 +110,6 @@ MAZES: dict[str, MazeSpec] = {
     "medium": MazeSpec(_copy(maps.MEDIUM_MAZE), (6, 6), 600, 2_000_000, "PointMaze_Medium-v3"),
     "large": MazeSpec(_copy(maps.LARGE_MAZE), (7, 9), 800, 4_000_000, "PointMaze_Large-v3"),
 }
-GENERATED_NAMES: tuple[str, ...] = tuple(
-    f"pointmaze-{maze}{suffix}" for maze in MAZES for suffix in ("", "-dense")
-)
-
-
-class UnknownDatasetName(DatasetError, ValueError):
-    """A name that is not one of ``GENERATED_NAMES``."""
 
 
 class DatasetExists(DatasetError, FileExistsError):
@@ -102,32 +118,8 @@ class DatasetExists(DatasetError, FileExistsError):
 
 def parse_name(name: str) -> tuple[MazeSpec, bool]:
     """The maze of ``name`` and whether its reward is dense."""
-    if name not in GENERATED_NAMES:
-        raise UnknownDatasetName(
-            f"unknown pointmaze dataset name {name!r}; valid names: {', '.join(GENERATED_NAMES)}"
-        )
-    maze, _, dense = name.removeprefix("pointmaze-").partition("-")
-    return MAZES[maze], dense == "dense"
-
-
-def dataset_id(name: str, version: int = VERSION) -> str:
-    """Minari id of a generated dataset: ``pointmaze-large-dense`` -> ``ldcq/pointmaze/large-dense-v1``."""
-    parse_name(name)
-    return f"{NAMESPACE}/{name.removeprefix('pointmaze-')}-v{version}"
-
-
-def name_for_id(minari_id: str) -> str | None:
-    """The generated dataset's name for its id (``ldcq/pointmaze/umaze-v1`` -> ``pointmaze-umaze``),
-    or None when the id is not one of ours at the current version."""
-    return next((n for n in GENERATED_NAMES if dataset_id(n) == minari_id), None)
-
-
-def outdated_name(minari_id: str) -> str | None:
-    """The name of a generated dataset of which ``minari_id`` is an older version, else None."""
-    return next(
-        (n for n in GENERATED_NAMES for v in range(VERSION) if dataset_id(n, v) == minari_id),
-        None,
-    )
+    maze, dense = split_name(name)
+    return MAZES[maze], dense
 
 
 class FixedGoal(gym.Wrapper, gym.utils.RecordConstructorArgs):

@@ -13,7 +13,8 @@ from functools import lru_cache, partial
 import gymnasium as gym
 import numpy as np
 
-from ldcq.data.minari_io import canonical_id, observation_vector
+from ldcq.data import pointmaze
+from ldcq.data.minari_io import canonical_id, load_dataset, observation_vector
 from ldcq.errors import ConfigError
 
 
@@ -42,8 +43,6 @@ def evaluation_protocol(
     here under that protocol); a downloaded dataset on the eval env that Minari recorded, with
     ``stored_ref``.
     """
-    from ldcq.data import pointmaze
-
     if goal not in pointmaze.GOAL_PROTOCOLS:
         raise ConfigError(
             f"evaluation.goal={goal!r}: valid values are {list(pointmaze.GOAL_PROTOCOLS)}"
@@ -68,8 +67,6 @@ def evaluation_protocol(
             f"evaluation.goal={goal!r} applies to the generated mazes only; {dataset_id} is "
             f"evaluated on the eval env it records: leave evaluation.goal=fixed"
         )
-    from ldcq.data.minari_io import load_dataset
-
     minari_dataset = load_dataset(dataset_id)
     family = "antmaze" if "antmaze" in dataset_id else "kitchen" if "kitchen" in dataset_id else ""
     family = family or ("maze2d" if "pointmaze" in dataset_id else "other")
@@ -79,8 +76,6 @@ def evaluation_protocol(
 
 @lru_cache(maxsize=8)
 def _moving_goal_ref_scores(name: str) -> tuple[float, float]:
-    from ldcq.data import pointmaze
-
     return pointmaze.reference_scores(name, goal="moving")
 
 

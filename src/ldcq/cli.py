@@ -106,26 +106,26 @@ def _pipeline_config(args: argparse.Namespace) -> None:
     print(OmegaConf.to_yaml(cfg[args.stage] if args.stage else cfg).rstrip())
 
 
+# `ldcq <stage> fit …`: each trained stage alone through LightningCLI.
 STAGE_COMMANDS = {
-    "vae": (
-        "skill_vae",
+    "skill_vae": (
         "ldcq.stages.skill_vae:SkillVAE",
         "ldcq.data.datamodules:TrajectorySnippetDataModule",
         ("state_dim", "action_dim"),
     ),
-    "prior": (
-        "diffusion_prior",
+    "diffusion_prior": (
         "ldcq.stages.diffusion_prior:LatentDiffusionPrior",
         "ldcq.stages.latent_data:LatentPairsDataModule",
         ("state_dim", "latent_dim"),
     ),
-    "bcq": (
-        "latent_bcq",
+    "latent_bcq": (
         "ldcq.stages.latent_bcq:LatentBCQ",
         "ldcq.stages.latent_bcq:LatentTransitionDataModule",
         ("state_dim", "latent_dim", "horizon"),
     ),
 }
+# Short aliases of the stage commands, kept for the scripts that use them.
+STAGE_ALIASES = {"vae": "skill_vae", "prior": "diffusion_prior", "bcq": "latent_bcq"}
 
 
 def _load(path: str):
@@ -136,7 +136,8 @@ def _load(path: str):
 
 
 def run_stage_cli(command: str, argv: list[str]) -> None:
-    """One stage alone through LightningCLI: ``ldcq vae fit --config f.yaml --model.beta=0.1``.
+    """One stage alone through LightningCLI: ``ldcq skill_vae fit --config f.yaml --model.beta=0.1``
+    (``command`` is a stage name or one of ``STAGE_ALIASES``).
 
     Dims come from the data (linked on instantiation); ``--artifact_dir DIR`` exports the trained
     stage as a frozen artifact that the next stage's ``--data.vae_artifact`` accepts.
@@ -146,9 +147,10 @@ def run_stage_cli(command: str, argv: list[str]) -> None:
     from ldcq.stages.guards import FiniteLossGuard
     from ldcq.tracking import check_server, resolve_uri
 
-    stage, model_path, data_path, linked = STAGE_COMMANDS[command]
+    stage = STAGE_ALIASES.get(command, command)
+    model_path, data_path, linked = STAGE_COMMANDS[stage]
 
-    class ConfigToRun(SaveConfigCallback):
+    class LogConfigToMLflow(SaveConfigCallback):
         # The stock callback asserts on an MLflow logger with an sqlite store; log the resolved
         # config as a run artifact instead.
         def setup(self, trainer, pl_module, stage: str) -> None:
@@ -200,7 +202,7 @@ def run_stage_cli(command: str, argv: list[str]) -> None:
     StageCLI(
         _load(model_path),
         _load(data_path),
-        save_config_callback=ConfigToRun,
+        save_config_callback=LogConfigToMLflow,
         seed_everything_default=0,
         # Parse errors come back as exceptions, to be told as one line with the closest key.
         parser_kwargs={"exit_on_error": False},
@@ -283,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldcq",
         description=__doc__,
-        epilog="Stages alone (LightningCLI): ldcq vae|prior|bcq fit --help",
+        epilog="Stages alone (LightningCLI): ldcq skill_vae|diffusion_prior|latent_bcq fit --help "
+        "(aliases: vae, prior, bcq)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     drop_library_notices()
     try:
-        if argv and argv[0] in STAGE_COMMANDS:
+        if argv and (argv[0] in STAGE_COMMANDS or argv[0] in STAGE_ALIASES):
             run_stage_cli(argv[0], argv[1:])
             return 0
         parser = build_parser()

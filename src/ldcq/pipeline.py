@@ -400,7 +400,7 @@ def check_bank_config(cfg: dict[str, Any]) -> None:
 
 def run_latent_bank(ctx: Context) -> Artifact:
     from ldcq.artifacts import load_modules
-    from ldcq.stages.bank import generate_bank
+    from ldcq.stages.latent_bank import generate_bank
     from ldcq.stages.latent_bcq import LatentTransitionDataModule
 
     vae = ctx.results["skill_vae"].artifact

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ldcq.artifacts import ArtifactError, load_modules, read_artifact
 from ldcq.errors import ConfigError
 from ldcq.stages import bank as bank_module
-from ldcq.stages.bank import generate_bank, open_bank
+from ldcq.stages.latent_bank import generate_bank, open_bank
 from ldcq.stages.latent_bcq import LatentBCQ, LatentTransitionDataModule
 
 DATASET = "test/bcq-v0"
@@ -135,7 +135,7 @@ def test_the_bank_does_not_depend_on_the_number_of_ranks(upstream, bank, tmp_pat
             import sys
             import torch
             from ldcq.artifacts import load_modules, read_artifact
-            from ldcq.stages.bank import generate_bank
+            from ldcq.stages.latent_bank import generate_bank
 
             prior_dir, states_file, out = sys.argv[1:4]
             prior = load_modules(read_artifact(prior_dir))["diffusion_prior"]

@@ -19,7 +19,7 @@ import time
 import torch
 
 from ldcq.cli import main
-from ldcq.stages import bank, latent_bcq
+from ldcq.stages import latent_bank, latent_bcq
 from ldcq.stages.guards import FiniteLossGuard
 
 CHUNK_DELAY = float(os.environ.get("LDCQ_TEST_CHUNK_DELAY", "0"))
@@ -28,7 +28,7 @@ ROWS_LOG = os.environ.get("LDCQ_TEST_ROWS_LOG")
 KILL = os.environ.get("LDCQ_TEST_KILL", "::").split(":")
 torch.set_num_threads(int(os.environ.get("LDCQ_TEST_THREADS", "1")))
 
-_write_chunk = bank.write_chunk
+_write_chunk = latent_bank.write_chunk
 _training_step = latent_bcq.LatentBCQ.training_step
 
 
@@ -65,7 +65,7 @@ def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
         _kill_at(self, trainer, "validation")
 
 
-bank.write_chunk = write_chunk
+latent_bank.write_chunk = write_chunk
 latent_bcq.LatentBCQ.training_step = training_step
 FiniteLossGuard.on_train_batch_end = on_train_batch_end
 FiniteLossGuard.on_validation_batch_end = on_validation_batch_end

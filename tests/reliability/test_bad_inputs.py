@@ -311,7 +311,7 @@ def test_a_full_disk_at_the_bank_artifact_keeps_the_sampled_bank(
     minari_root, tmp_path, monkeypatch
 ):
     import ldcq.artifacts
-    import ldcq.stages.bank
+    import ldcq.stages.latent_bank
 
     tiny_dataset()
     overrides = tiny_overrides(tmp_path)
@@ -333,17 +333,17 @@ def test_a_full_disk_at_the_bank_artifact_keeps_the_sampled_bank(
     def no_resampling(*args, **kwargs):
         raise AssertionError("the bank was sampled again")
 
-    monkeypatch.setattr(ldcq.stages.bank.PriorSampler, "predict_step", no_resampling)
+    monkeypatch.setattr(ldcq.stages.latent_bank.PriorSampler, "predict_step", no_resampling)
     again = run_pipeline(compose(PIPELINE, overrides), stages=["latent_bank"], track=False)
     assert again["latent_bank"].skipped is False
     assert (again["latent_bank"].artifact.path / "bank.npy").is_file()
 
 
 def test_a_full_disk_anywhere_else_is_one_line(minari_root, tmp_path, capsys, monkeypatch):
-    import ldcq.stages.bank
+    import ldcq.stages.latent_bank
 
     tiny_dataset()
-    monkeypatch.setattr(ldcq.stages.bank, "write_chunk", _full_disk)
+    monkeypatch.setattr(ldcq.stages.latent_bank, "write_chunk", _full_disk)
     args = ["pipeline", "run", str(PIPELINE), *tiny_overrides(tmp_path), "--stages", "latent_bank"]
     assert main([*args, "--no-tracking"]) == 2
     line = _error_line(capsys)

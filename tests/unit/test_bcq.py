@@ -8,7 +8,7 @@ import torch
 
 from ldcq.artifacts import ArtifactError
 from ldcq.errors import ConfigError
-from ldcq.stages.bank import (
+from ldcq.stages.latent_bank import (
     block_seed,
     missing_rows,
     open_bank,

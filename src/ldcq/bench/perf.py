@@ -73,8 +73,8 @@ from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError, LdcqError
 from ldcq.models import ddim_timesteps
 from ldcq.pipeline import compose
-from ldcq.stages.bank import generate_bank, open_bank
 from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+from ldcq.stages.latent_bank import generate_bank, open_bank
 from ldcq.stages.latent_bcq import LatentBCQ, draw_transitions
 from ldcq.stages.replay import PrioritizedReplay
 from ldcq.stages.skill_vae import SkillVAE

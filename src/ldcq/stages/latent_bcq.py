@@ -6,7 +6,7 @@ H skill horizon.
 A transition is one skill window: ``s_t``, the VAE's latent ``z_t`` of the window, the chunk reward
 ``R_t = Σ_{k<H} γ^k r_{t+k}``, the bootstrap state ``s_{t+H}`` and ``done`` (the episode terminated
 inside the window). The max over next latents runs over K prior samples at ``s_{t+H}`` drawn once,
-offline, into the latent bank (:mod:`ldcq.stages.bank`).
+offline, into the latent bank (:mod:`ldcq.stages.latent_bank`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from ldcq.data.normalizer import Normalizer
 from ldcq.data.windows import make_windows
 from ldcq.errors import ConfigError
 from ldcq.models import TwinQ
-from ldcq.stages.bank import open_bank
 from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule, training_noise
+from ldcq.stages.latent_bank import open_bank
 from ldcq.stages.latent_data import FrozenVAEDataModule, cached_latents
 from ldcq.stages.replay import PrioritizedReplay
 

@@ -69,8 +69,8 @@ class PriorSampler(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_positive("bank", num_samples=num_samples, sampling_steps=sampling_steps)
-        check_positive("bank", allow_zero=True, extra_steps=extra_steps)
+        check_positive("latent_bank", num_samples=num_samples, sampling_steps=sampling_steps)
+        check_positive("latent_bank", allow_zero=True, extra_steps=extra_steps)
         if sampler not in SAMPLERS:
             raise ConfigError(f"bank.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
         self.prior = prior.eval().requires_grad_(False)
@@ -274,7 +274,7 @@ def generate_bank(
         ConfigError: bad sizes, states that do not fit the prior, or a finished bank in
             ``bank_dir`` made by another request.
     """
-    check_positive("bank", num_samples=num_samples, batch_size=batch_size)
+    check_positive("latent_bank", num_samples=num_samples, batch_size=batch_size)
     state_dim, latent_dim = prior_module.hparams.state_dim, prior_module.hparams.latent_dim
     if next_states.dim() != 2 or next_states.shape[1] != state_dim:
         raise ConfigError(
@@ -345,7 +345,9 @@ def open_bank(path: str | Path) -> np.ndarray:
     """The bank at ``path`` as a read-only memory map ``(N, K, Z)`` float16."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"latent bank {path} does not exist; generate it first (stage bank)")
+        raise ArtifactError(
+            f"latent bank {path} does not exist; generate it first (stage latent_bank)"
+        )
     try:
         bank = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:

@@ -27,11 +27,12 @@ help: ## list the targets
 		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 
 # torch goes first and pinned: resolving it together with lightning pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# constraints.txt holds the exact versions tested here; pyproject.toml only ranges.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create/update .venv (re-runs only when pyproject.toml changes)

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ldcq.artifacts import ArtifactError, load_modules, read_artifact
 from ldcq.errors import ConfigError
-from ldcq.stages import bank as bank_module
+from ldcq.stages import latent_bank as bank_module
 from ldcq.stages.latent_bank import generate_bank, open_bank
 from ldcq.stages.latent_bcq import LatentBCQ, LatentTransitionDataModule
 

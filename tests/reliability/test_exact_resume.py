@@ -131,7 +131,7 @@ def test_inexact_resumes_are_named():
     ]
 
 
-def test_metrics_json_of_a_resumed_stage_is_the_uninterrupted_one(uninterrupted):
+def test_metrics_json_holds_the_last_training_and_validation_values(uninterrupted):
     # What the comparisons above rest on: metrics.json holds the last validation too.
     metrics = json.loads((uninterrupted["skill_vae"].path / "metrics.json").read_text())
     assert {"val/loss", "train/loss"} <= set(metrics)

@@ -69,3 +69,13 @@ def test_the_readme_table_is_generated_from_the_committed_results(monkeypatch):
     # `make results` was run after the last results file changed: the README says what they say.
     monkeypatch.chdir(REPO)
     assert results.main(["--check"]) == 0
+
+
+def test_the_config_hash_leaves_out_the_seed_only():
+    from ldcq.bench.score import config_hash
+
+    pipeline = REPO / "pipelines" / "pointmaze-umaze.yaml"
+    base = config_hash(pipeline, "quick", "q", [])
+    assert config_hash(pipeline, "quick", "q", ["seed=5"]) == base
+    assert config_hash(pipeline, "quick", "vae-prior", []) != base
+    assert config_hash(pipeline, "quick", "q", ["skill_vae.model.beta=0.1"]) != base

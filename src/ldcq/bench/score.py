@@ -109,9 +109,8 @@ def run_once(
     missing = [k for k in SCORES if k not in metrics]
     if missing:
         raise ConfigError(f"{evaluation}/metrics.json lacks {missing}; the evaluation changed?")
-    from omegaconf import OmegaConf
 
-    from ldcq.artifacts import fingerprint, git_sha
+    from ldcq.artifacts import git_sha
 
     spec = json.loads((evaluation / "spec.json").read_text())
     return {
@@ -120,7 +119,7 @@ def run_once(
         "method": METHODS.get(selector, selector),
         "command": " ".join(["ldcq", *cmd[3:]]),
         "git_sha": git_sha(),
-        "config_hash": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
+        "config_hash": config_hash(pipeline, scale, selector, overrides),
         "fingerprints": {s: parent.data.tags.get(f"fingerprint.{s}") for s in stages},
         "protocol": spec.get("protocol"),
         "command_s": command_s,
@@ -128,6 +127,18 @@ def run_once(
         "metrics": {k: float(metrics[k]) for k in (*SCORES, *EXTRA_SCORES) if k in metrics},
         "artifact": str(evaluation),
     }
+
+
+def config_hash(pipeline: Path, scale: str, selector: str, overrides: list[str]) -> str:
+    """Hash of the resolved config of a run apart from its seed: the runs of one method and config
+    share it across seeds, so the results table averages them."""
+    from omegaconf import OmegaConf
+
+    from ldcq.artifacts import fingerprint
+    from ldcq.pipeline import compose
+
+    cfg = compose(pipeline, [f"evaluation.selector={selector}", *overrides, "seed=0"], scale=scale)
+    return fingerprint(OmegaConf.to_container(cfg, resolve=True))
 
 
 def record(path: Path, meta: dict[str, Any], run: dict[str, Any]) -> None:

@@ -204,44 +204,20 @@ def _fit_stage(
     dims: dict[str, int],
 ) -> tuple[Artifact, bool]:
     """Train one stage (resuming from ``last.ckpt``) and write its artifact; skip it if done."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from ldcq.stages.checkpointing import ResumableCheckpoint
-    from ldcq.stages.guards import FiniteLossGuard
-
     final = ctx.root / f"{stage}-{fp}"
     if is_done(final):
         return read_artifact(final, stage), True
     work = ctx.root / ".work" / f"{stage}-{fp}"
     last = work / "last.ckpt"
-    kwargs = ctx.trainer_kwargs(stage)
-    every = kwargs.pop("checkpoint_every_n_steps", 500)
+    handoff = _handoff(ctx, stage)
     run_id = None
     if ctx.tracker is not None:
         run_id = ctx.tracker.start_run(
             stage, {"stage": stage, "fingerprint": fp, "dataset": ctx.dataset["id"]}, ctx.parent_run
         )
         ctx.tracker.log_params(run_id, ctx.stage_cfg(stage))
-    handoff = _handoff(ctx, stage)
-    monitor = "val/loss" if handoff == "best" else None
-    checkpoint = ResumableCheckpoint(work, every, stage, say=_log, monitor=monitor)
-    try:
-        trainer = L.Trainer(
-            **kwargs,
-            default_root_dir=work,
-            logger=ctx.tracker.logger(run_id) if ctx.tracker is not None else False,
-            callbacks=[FiniteLossGuard(stage), checkpoint],
-            enable_model_summary=False,
-        )
-    except (TypeError, ValueError, MisconfigurationException) as exc:
-        raise ConfigError(f"the trainer settings of {stage} are not valid: {exc}") from exc
-    resumed_from = _checkpoint_step(last) if last.exists() else None
-    if resumed_from is not None:
-        _log(f"{stage}: resuming from {last} (step {resumed_from})")
-    elif last.exists() and global_rank() == 0:
-        # Truncated, corrupted or pickling code: kept aside for a look, never loaded.
-        last.replace(last.with_name("last.ckpt.unreadable"))
-        _log(f"{stage}: {last} is unreadable; kept as last.ckpt.unreadable, training afresh")
+    trainer, checkpoint = _stage_trainer(ctx, stage, work, run_id, handoff)
+    resumed_from = _resume_point(stage, last)
     L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
     trainer.fit(
         model,
@@ -280,6 +256,44 @@ def _fit_stage(
         shutil.rmtree(work, ignore_errors=True)
     trainer.strategy.barrier()
     return read_artifact(final, stage), False
+
+
+def _stage_trainer(ctx: Context, stage: str, work: Path, run_id: str | None, handoff: str):
+    """The stage's ``Trainer`` with the NaN guard and its :class:`ResumableCheckpoint` (which
+    keeps the best validation's weights when ``handoff`` is ``best``); returns both."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from ldcq.stages.checkpointing import ResumableCheckpoint
+    from ldcq.stages.guards import FiniteLossGuard
+
+    kwargs = ctx.trainer_kwargs(stage)
+    every = kwargs.pop("checkpoint_every_n_steps", 500)
+    monitor = "val/loss" if handoff == "best" else None
+    checkpoint = ResumableCheckpoint(work, every, stage, say=_log, monitor=monitor)
+    try:
+        trainer = L.Trainer(
+            **kwargs,
+            default_root_dir=work,
+            logger=ctx.tracker.logger(run_id) if ctx.tracker is not None else False,
+            callbacks=[FiniteLossGuard(stage), checkpoint],
+            enable_model_summary=False,
+        )
+    except (TypeError, ValueError, MisconfigurationException) as exc:
+        raise ConfigError(f"the trainer settings of {stage} are not valid: {exc}") from exc
+    return trainer, checkpoint
+
+
+def _resume_point(stage: str, last: Path) -> int | None:
+    """The step ``last.ckpt`` was written at, or None to train afresh (no file, or one that
+    cannot be read as plain data, which is set aside as ``last.ckpt.unreadable``)."""
+    resumed_from = _checkpoint_step(last) if last.exists() else None
+    if resumed_from is not None:
+        _log(f"{stage}: resuming from {last} (step {resumed_from})")
+    elif last.exists() and global_rank() == 0:
+        # Truncated, corrupted or pickling code: kept aside for a look, never loaded.
+        last.replace(last.with_name("last.ckpt.unreadable"))
+        _log(f"{stage}: {last} is unreadable; kept as last.ckpt.unreadable, training afresh")
+    return resumed_from
 
 
 HANDOFFS = ("best", "last")

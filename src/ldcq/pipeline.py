@@ -25,6 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from ldcq.artifacts import Artifact, fingerprint, is_done, read_artifact, write_artifact
 from ldcq.errors import ConfigError
 from ldcq.locking import RunLock
+from ldcq.stages.clock import StageClock
 from ldcq.tracking import Tracker, flatten
 
 STAGES = ("skill_vae", "diffusion_prior", "latent_bank", "latent_bcq", "evaluation")
@@ -79,8 +80,9 @@ def compose(
     trainer: str | None = None,
 ) -> DictConfig:
     """Merge, in order: the included fragments, ``configs/scale/<scale>.yaml``, the pipeline
-    file's own keys, ``configs/trainer/<trainer>.yaml``, then ``overrides`` (``a.b.c=value``).
-    Unknown keys are refused with the closest valid key."""
+    file's own keys, its ``scales.<scale>`` section (a task's own retuning of a scale),
+    ``configs/trainer/<trainer>.yaml``, then ``overrides`` (``a.b.c=value``). Unknown keys are
+    refused with the closest valid key."""
     path = Path(pipeline)
     if not path.is_file():
         raise ConfigError(f"pipeline file {path} does not exist; see pipelines/ for the tasks")
@@ -88,16 +90,21 @@ def compose(
     try:
         body = OmegaConf.load(path)
         includes = [OmegaConf.load(root / inc) for inc in body.pop("include", [])]
+        per_scale = body.pop("scales", None) or {}
     except (OSError, OmegaConfBaseException, yaml.YAMLError) as exc:
         # YAML is read with a safe loader: a tag that would build an object lands here too.
         raise ConfigError(f"cannot read pipeline {path}: {' '.join(str(exc).split())}") from exc
     scale = scale or body.get("scale", "quick")
     parts = [*includes, _preset(root, "scale", scale), body]
+    unknown = sorted(set(per_scale) - {p.stem for p in (root / "configs" / "scale").glob("*.yaml")})
+    if unknown:
+        raise ConfigError(f"{path}: scales.{unknown[0]} names no configs/scale/*.yaml file")
+    if scale in per_scale:
+        parts.append(per_scale[scale])
     if trainer:
         parts.append(_preset(root, "trainer", trainer))
-    cfg = OmegaConf.merge(*parts)
+    cfg = _merge_strict(parts, path)
     cfg.scale = scale
-    OmegaConf.set_struct(cfg, True)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. skill_vae.model.beta=0.1)")
@@ -112,6 +119,20 @@ def compose(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the config of {path} does not resolve: {exc}") from exc
+    return cfg
+
+
+def _merge_strict(parts: Sequence[DictConfig], path: Path) -> DictConfig:
+    """The first part (the family defaults) fixes the keys; a later part that names a key it does
+    not have is refused, so a typo in a scale or pipeline file cannot pass silently."""
+    cfg = OmegaConf.merge(parts[0], {"scale": None})
+    OmegaConf.set_struct(cfg, True)
+    for part in parts[1:]:
+        try:
+            cfg = OmegaConf.merge(cfg, part)
+        except ConfigKeyError as exc:
+            key = exc.full_key or str(exc)
+            raise ConfigError(f"{path}: unknown config key {key!r}{_closest(key, cfg)}") from exc
     return cfg
 
 
@@ -147,6 +168,12 @@ class Context:
     parent_run: str | None
     dataset: dict[str, Any] = field(default_factory=dict)
     results: dict[str, StageResult] = field(default_factory=dict)
+    clock: StageClock | None = None  # the running stage's, across its attempts
+
+    def stage_seconds(self) -> float | None:
+        """Wall seconds the running stage has taken so far, earlier attempts included
+        (``spec.json``'s ``seconds``)."""
+        return None if self.clock is None else round(self.clock.seconds, 1)
 
     def stage_cfg(self, stage: str) -> dict[str, Any]:
         return OmegaConf.to_container(self.cfg[stage], resolve=True)
@@ -247,6 +274,7 @@ def _fit_stage(
                 "resume_exact": checkpoint.exact,
                 "global_step": trainer.global_step,
                 "handoff": handed_on,
+                "seconds": ctx.stage_seconds(),
             },
         )
         if ctx.tracker is not None:
@@ -469,6 +497,7 @@ def run_latent_bank(ctx: Context) -> Artifact:
                 "config_hash": fingerprint(cfg),
                 "pipeline": ctx.cfg.name,
                 "bytes_per_transition": int(bank.shape[1] * bank.shape[2] * bank.itemsize),
+                "seconds": ctx.stage_seconds(),
             },
             config_yaml=OmegaConf.to_yaml(ctx.cfg.latent_bank),
             metrics={"bank/bytes": float(Path(bank_path).stat().st_size)},
@@ -586,6 +615,7 @@ def run_evaluation(ctx: Context) -> Artifact:
             "upstream": ctx.upstream("evaluation"),
             "config_hash": fingerprint(cfg),
             "pipeline": ctx.cfg.name,
+            "seconds": ctx.stage_seconds(),
         },
         config_yaml=OmegaConf.to_yaml(ctx.cfg.evaluation),
         metrics=metrics,
@@ -708,12 +738,17 @@ def run_pipeline(
             _log(f"{stage}: {'finished earlier, skipping' if done_before else 'training'}")
             # Seeded before the stage builds its modules: their initial weights come from it.
             L.seed_everything(cfg.seed, workers=True, verbose=False)
+            ledger = root / ".work" / f"{stage}-{ctx.stage_fingerprint(stage)}.seconds"
+            ctx.clock = StageClock(ledger, write=global_rank() == 0)
             try:
-                artifact = RUNNERS[stage](ctx)
+                with ctx.clock:
+                    artifact = RUNNERS[stage](ctx)
             except ConfigError as exc:
                 raise ConfigError(
                     f"{stage}.{exc}" if str(exc).startswith(("model.", "data.")) else str(exc)
                 ) from exc
+            ctx.clock.finish()
+            ctx.clock = None
             seconds = time.perf_counter() - start
             ctx.results[stage] = StageResult(stage, artifact, done_before, seconds)
             if tracker is not None:

@@ -165,6 +165,9 @@ def test_killed_stage_resumes_from_last_checkpoint(tiny_dataset, tmp_path):
     spec = result["skill_vae"].artifact.spec
     assert spec["resumed_from_step"] and spec["resumed_from_step"] > 0
     assert spec["global_step"] == 300
+    # The stage's time, every attempt included; its ledger goes once the artifact is written.
+    assert spec["seconds"] > 0
+    assert not list(work.glob("*.seconds"))
 
 
 def test_stages_run_alone_through_lightning_cli(tiny_dataset, tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def test_bench_score_needs_the_evaluation_stage(monkeypatch):
         score.require_evaluation()
 
 
-def test_bench_score_summary_keeps_cached_stages_out_of_the_times():
+def test_bench_score_summary_counts_for_a_baseline_only_the_stages_it_made():
     from rich.console import Console
 
     metrics = {"eval/normalized_score": 50.0, "eval/success_rate": 0.5, "eval/return_mean": 9.0}
@@ -115,7 +115,9 @@ def test_bench_score_summary_keeps_cached_stages_out_of_the_times():
             "seed": seed,
             "selector": selector,
             "command_s": 10.0,
-            "stage_s": {"skill_vae": None if selector == "vae-prior" else 4.0 + seed},
+            # The baseline reuses the seed's skill VAE: its time is LDCQ's, not BC's.
+            "fingerprints": {"skill_vae": f"vae{seed}"},
+            "stage_s": {"skill_vae": 4.0 + seed},
             "metrics": {**metrics, "eval/normalized_score": 50.0 + 10 * seed}
             | ({"eval/first_hit_normalized": 100.0 + seed} if selector == "q" or seed else {}),
         }

@@ -5,10 +5,11 @@ For each seed i it runs ``ldcq pipeline run <pipeline> --scale <scale> seed=i
 evaluation.selector=q`` (LDCQ), then the same command with ``evaluation.selector=prior`` (one
 diffusion-prior sample, no Q) and ``vae-prior`` (the VAE's decoder driven by its own Gaussian
 prior: behaviour cloning), which reuse the trained stages and only evaluate. Each command's MLflow
-parent run names the artifacts it used (tags ``fingerprint.<stage>``) and the wall time of each
-stage (metrics ``time/<stage>_s``); the scores are read from
-``<checkpoints_dir>/<pipeline>/evaluation-<fingerprint>/metrics.json``. A stage whose artifact was
-finished before the command started is reported as cached, not timed.
+parent run names the artifacts it used (tags ``fingerprint.<stage>``); the scores are read from
+``<checkpoints_dir>/<pipeline>/evaluation-<fingerprint>/metrics.json`` and each stage's wall time
+from its artifact's ``spec.json`` (``seconds``: every attempt, so a seed killed at the end of a
+session and resumed in the next is timed whole). A baseline is timed for the stages it made
+itself, its evaluation, not for the trained stages it shares with LDCQ.
 
 Every run is recorded, as soon as it ends, in ``results/<pipeline>-<scale>.json`` (per run: seed,
 method, metrics, config hash, stage fingerprints, git sha, the exact command, wall times, the
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import socket
 import subprocess
 import sys
@@ -90,7 +93,7 @@ def run_once(
 
     run_overrides = [f"seed={seed}", f"evaluation.selector={selector}", *overrides]
     cfg = compose(pipeline, run_overrides, scale=scale)
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()
     cmd = [*_CLI, "pipeline", "run", str(pipeline), "--scale", scale, *run_overrides]
     print(f"bench-score: {' '.join(cmd[2:])}", flush=True)
     done = subprocess.run(cmd)
@@ -102,8 +105,12 @@ def run_once(
     times = {}
     for stage in stages:
         path = root / f"{stage}-{parent.data.tags[f'fingerprint.{stage}']}"
-        cached = (path / "DONE").stat().st_mtime < started
-        times[stage] = None if cached else parent.data.metrics.get(f"time/{stage}_s")
+        # The artifact's own count (every attempt, a resumed one included); an artifact made
+        # before it was recorded there falls back to this command's timing, if it made it.
+        seconds = json.loads((path / "spec.json").read_text()).get("seconds")
+        if seconds is None and (path / "DONE").stat().st_mtime >= started:
+            seconds = parent.data.metrics.get(f"time/{stage}_s")
+        times[stage] = seconds
     evaluation = root / f"evaluation-{parent.data.tags['fingerprint.evaluation']}"
     metrics = json.loads((evaluation / "metrics.json").read_text())
     missing = [k for k in SCORES if k not in metrics]
@@ -123,10 +130,26 @@ def run_once(
         "fingerprints": {s: parent.data.tags.get(f"fingerprint.{s}") for s in stages},
         "protocol": spec.get("protocol"),
         "command_s": command_s,
+        # Seeds of one file may run on different hosts (a session ends, the next resumes); a
+        # load average above the cores used means something else ran beside this command.
+        "host": {**host(), "load_avg_start": list(load_start), "load_avg_end": os.getloadavg()},
         "stage_s": times,
         "metrics": {k: float(metrics[k]) for k in (*SCORES, *EXTRA_SCORES) if k in metrics},
         "artifact": str(evaluation),
     }
+
+
+def host() -> dict[str, Any]:
+    """The machine a run ran on: its name, CPU model and cores."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"name": socket.gethostname(), "cpu": model, "cores": os.cpu_count()}
 
 
 def config_hash(pipeline: Path, scale: str, selector: str, overrides: list[str]) -> str:
@@ -167,14 +190,29 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
+def own_stage_s(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The times of the stages ``run`` made for itself: a baseline shares the trained stages of
+    the LDCQ (``q``) run of its seed, whose times are LDCQ's, so only its own (its evaluation)
+    count for it; None for a shared or untimed stage."""
+    shared: set[str] = set()
+    if run["selector"] != "q":
+        for other in runs:
+            if other["selector"] == "q" and other["seed"] == run["seed"]:
+                fps = other["fingerprints"]
+                shared |= {s for s, fp in run["fingerprints"].items() if fps.get(s) == fp}
+    return {s: (None if s in shared else t) for s, t in run["stage_s"].items()}
+
+
 def summarize(runs: list[dict], stages) -> list[dict[str, Any]]:
-    """Per selector: mean ± std over seeds of every score and of each timed (not cached) stage."""
+    """Per selector: mean ± std over seeds of every score and of each stage the method made
+    for itself (:func:`own_stage_s`)."""
     rows = []
     for selector in dict.fromkeys(r["selector"] for r in runs):
         mine = [r for r in runs if r["selector"] == selector]
+        own = [own_stage_s(r, runs) for r in mine]
         stage_s = {}
         for stage in stages:
-            timed = [r["stage_s"][stage] for r in mine if r["stage_s"][stage] is not None]
+            timed = [o[stage] for o in own if o.get(stage) is not None]
             stage_s[stage] = _mean_std(timed) if timed else None
         rows.append(
             {
@@ -263,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             for selector in selectors:
                 runs.append(run_once(pipeline, args.scale, seed, selector, args.overrides, stages))
-                record(path, {**meta, "host": socket.gethostname()}, runs[-1])
+                record(path, meta, runs[-1])
     except (LdcqError, subprocess.CalledProcessError) as exc:
         print(f"ldcq bench-score: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import contextvars
 import errno
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import os
@@ -21,10 +22,11 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +43,22 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
     """12 hex digits of the SHA-256 of a JSON-serializable mapping (key order does not matter)."""
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def dataset_identity(episodes) -> dict[str, Any]:
+    """Id plus a cheap content hash, so a regenerated dataset invalidates every stage."""
+    h = hashlib.sha256()
+    for arr in (episodes.observations, episodes.actions, episodes.rewards, episodes.episode_starts):
+        h.update(np.ascontiguousarray(arr[:: max(1, len(arr) // 4096)]).tobytes())
+        h.update(str(arr.shape).encode())
+    return {
+        "id": episodes.dataset_id,
+        "steps": len(episodes.actions),
+        "episodes": int(episodes.num_episodes),
+        "content": h.hexdigest()[:16],
+        "ref_min_score": episodes.ref_min_score,
+        "ref_max_score": episodes.ref_max_score,
+    }
 
 
 def git_sha() -> str | None:
@@ -106,13 +124,56 @@ class Artifact:
         return json.loads((self.path / "metrics.json").read_text())
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old
-    file or the new one, never half of it."""
+@dataclass
+class ArtifactParts:
+    """What a stage made, before it is written as an artifact (:func:`write_artifact`).
+
+    Attributes:
+        modules: name -> (module, constructor kwargs); empty for a stage without weights.
+        spec: the stage's own ``spec.json`` entries (the pipeline adds the common ones).
+        metrics: ``metrics.json``.
+        extra_files: name -> file moved into the artifact (the bank, rollouts, pictures).
+        logged: the artifact's files that go to the stage's MLflow run; None: all but DONE.
+    """
+
+    modules: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra_files: dict[str, Path] = field(default_factory=dict)
+    logged: tuple[str, ...] | None = ("spec.json", "config.yaml", "metrics.json")
+
+
+def module_kwargs(module: nn.Module) -> dict[str, Any]:
+    """A Lightning module's constructor arguments, from its ``hparams`` (LightningCLI adds
+    private entries there; only the constructor's own parameters are kept)."""
+    params = inspect.signature(type(module).__init__).parameters
+    return {k: v for k, v in getattr(module, "hparams", {}).items() if k in params}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, fsync: bool = False):
+    """A temporary path to write ``path``'s new content to; renamed onto ``path`` when the block
+    ends without an error (after an ``fsync`` if asked), removed otherwise. Readers see the old
+    file or the new one, never half of it.
+
+    Usage: ``with atomic_path(p) as tmp: torch.save(obj, tmp)``.
+    """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def is_done(path: str | Path) -> bool:
@@ -143,16 +204,8 @@ def write_artifact(
     """
     final = Path(path)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    full_spec = {
-        **spec,
-        "stage": stage,
-        "modules": {
-            name: {"class": class_path(module), "kwargs": dict(kwargs)}
-            for name, (module, kwargs) in modules.items()
-        },
-        "versions": library_versions(),
-        "git_sha": git_sha(),
-    }
+    full_spec = {**spec, "stage": stage, "modules": _module_specs(modules)}
+    full_spec.update(versions=library_versions(), git_sha=git_sha())
     if is_done(final):
         raise ArtifactError(
             f"artifact {final} already exists and is finished; it is never overwritten"
@@ -161,20 +214,7 @@ def write_artifact(
         for stale in final.parent.glob(f".{final.name}.tmp-*"):  # also those of killed writers
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
-        state = {name: module.state_dict() for name, (module, _) in modules.items()}
-        # Serialized in memory, then written by Python: torch.save's own file writer reports a
-        # full disk as an opaque RuntimeError, this write as OSError(ENOSPC).
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        (tmp / "weights.pt").write_bytes(buffer.getbuffer())
-        (tmp / "spec.json").write_text(json.dumps(full_spec, indent=2, sort_keys=True, default=str))
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "metrics.json").write_text(json.dumps(dict(metrics), indent=2, sort_keys=True))
-        for name, src in (extra_files or {}).items():
-            shutil.move(str(src), tmp / name)
-        for file in tmp.iterdir():  # on disk before DONE can be
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+        _write_files(tmp, modules, full_spec, config_yaml, metrics, extra_files or {})
         if final.exists():
             # an unfinished folder from an earlier attempt
             shutil.rmtree(final)
@@ -184,11 +224,7 @@ def write_artifact(
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        for name, src in (extra_files or {}).items():  # hand back what was moved in
-            for folder in (tmp, final):
-                if (folder / name).is_file() and not Path(src).exists():
-                    with contextlib.suppress(OSError):
-                        shutil.move(str(folder / name), src)
+        _hand_back(extra_files or {}, (tmp, final))
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
         raise ArtifactError(
@@ -199,6 +235,48 @@ def write_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Artifact(final, full_spec)
+
+
+def _module_specs(modules: Mapping[str, tuple[nn.Module, Mapping[str, Any]]]) -> dict:
+    """What ``spec.json`` says of each module: its class and constructor arguments."""
+    return {
+        name: {"class": class_path(module), "kwargs": dict(kwargs)}
+        for name, (module, kwargs) in modules.items()
+    }
+
+
+def _write_files(
+    folder: Path,
+    modules: Mapping[str, tuple[nn.Module, Mapping[str, Any]]],
+    spec: Mapping[str, Any],
+    config_yaml: str,
+    metrics: Mapping[str, float],
+    extra_files: Mapping[str, Path],
+) -> None:
+    """Every file of an artifact into ``folder``, each on disk (fsync) before DONE can be."""
+    state = {name: module.state_dict() for name, (module, _) in modules.items()}
+    # Serialized in memory, then written by Python: torch.save's own file writer reports a
+    # full disk as an opaque RuntimeError, this write as OSError(ENOSPC).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (folder / "weights.pt").write_bytes(buffer.getbuffer())
+    (folder / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True, default=str))
+    (folder / "config.yaml").write_text(config_yaml)
+    (folder / "metrics.json").write_text(json.dumps(dict(metrics), indent=2, sort_keys=True))
+    for name, src in extra_files.items():
+        shutil.move(str(src), folder / name)
+    for file in folder.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _hand_back(extra_files: Mapping[str, Path], folders: tuple[Path, ...]) -> None:
+    """Move the extra files a failed write had moved in back where they came from."""
+    for name, src in extra_files.items():
+        for folder in folders:
+            if (folder / name).is_file() and not Path(src).exists():
+                with contextlib.suppress(OSError):
+                    shutil.move(str(folder / name), src)
 
 
 def read_artifact(path: str | Path, stage: str | None = None) -> Artifact:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import sys
-import warnings
 
-from ldcq.errors import ConfigError, LdcqError
+from ldcq.errors import LdcqError
+from ldcq.process import drop_library_notices
 
 
 def _data_generate(args: argparse.Namespace) -> None:
@@ -33,7 +32,9 @@ def _data_show(args: argparse.Namespace) -> None:
 
 
 def _pipeline_run(args: argparse.Namespace) -> None:
-    from ldcq.pipeline import compose, global_rank, run_pipeline
+    from ldcq.config import compose
+    from ldcq.pipeline import run_pipeline
+    from ldcq.process import global_rank
 
     cfg = compose(args.pipeline, args.overrides, scale=args.scale, trainer=args.trainer)
     stages = args.stages.split(",") if args.stages else None
@@ -89,7 +90,9 @@ def _print_summary(cfg, results) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ldcq.pipeline import compose, global_rank, run_pipeline
+    from ldcq.config import compose
+    from ldcq.pipeline import run_pipeline
+    from ldcq.process import global_rank
 
     cfg = compose(args.pipeline, args.overrides, scale=args.scale, trainer=args.trainer)
     results = run_pipeline(cfg, stages=["evaluation"], track=not args.no_tracking, train=False)
@@ -100,185 +103,14 @@ def _eval(args: argparse.Namespace) -> None:
 def _pipeline_config(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
-    from ldcq.pipeline import compose
+    from ldcq.config import compose
 
     cfg = compose(args.pipeline, args.overrides, scale=args.scale, trainer=args.trainer)
     print(OmegaConf.to_yaml(cfg[args.stage] if args.stage else cfg).rstrip())
 
 
-# `ldcq <stage> fit …`: each trained stage alone through LightningCLI.
-STAGE_COMMANDS = {
-    "skill_vae": (
-        "ldcq.stages.skill_vae:SkillVAE",
-        "ldcq.data.datamodules:TrajectorySnippetDataModule",
-        ("state_dim", "action_dim"),
-    ),
-    "diffusion_prior": (
-        "ldcq.stages.diffusion_prior:LatentDiffusionPrior",
-        "ldcq.stages.latent_data:LatentPairsDataModule",
-        ("state_dim", "latent_dim"),
-    ),
-    "latent_bcq": (
-        "ldcq.stages.latent_bcq:LatentBCQ",
-        "ldcq.stages.latent_bcq:LatentTransitionDataModule",
-        ("state_dim", "latent_dim", "horizon"),
-    ),
-}
-# Short aliases of the stage commands, kept for the scripts that use them.
-STAGE_ALIASES = {"vae": "skill_vae", "prior": "diffusion_prior", "bcq": "latent_bcq"}
-
-
-def _load(path: str):
-    import importlib
-
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def run_stage_cli(command: str, argv: list[str]) -> None:
-    """One stage alone through LightningCLI: ``ldcq skill_vae fit --config f.yaml --model.beta=0.1``
-    (``command`` is a stage name or one of ``STAGE_ALIASES``).
-
-    Dims come from the data (linked on instantiation); ``--artifact_dir DIR`` exports the trained
-    stage as a frozen artifact that the next stage's ``--data.vae_artifact`` accepts.
-    """
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
-    from ldcq.stages.guards import FiniteLossGuard
-    from ldcq.tracking import check_server, resolve_uri
-
-    stage = STAGE_ALIASES.get(command, command)
-    model_path, data_path, linked = STAGE_COMMANDS[stage]
-
-    class LogConfigToMLflow(SaveConfigCallback):
-        # The stock callback asserts on an MLflow logger with an sqlite store; log the resolved
-        # config as a run artifact instead.
-        def setup(self, trainer, pl_module, stage: str) -> None:
-            if not self.already_saved and trainer.is_global_zero:
-                self.save_config(trainer, pl_module, stage)
-            self.already_saved = True
-
-        def save_config(self, trainer, pl_module, stage: str) -> None:
-            import tempfile
-            from pathlib import Path
-
-            logger = trainer.logger
-            if logger is None or not hasattr(logger, "experiment"):
-                return
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "config.yaml"
-                self.parser.save(self.config, path, format="yaml", skip_check=True)
-                logger.experiment.log_artifact(logger.run_id, str(path))
-
-    class StageCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            for name in linked:
-                parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
-            if stage == "skill_vae":
-                parser.link_arguments("data.horizon", "model.horizon")
-            parser.add_argument(
-                "--artifact_dir", default=None, help="export the trained stage to this folder"
-            )
-
-        def parse_arguments(self, parser, args) -> None:
-            try:
-                super().parse_arguments(parser, args)
-            except argparse.ArgumentError as exc:
-                raise _stage_cli_error(parser, exc, command) from None
-
-        def before_instantiate_classes(self) -> None:
-            logger = self.config[self.subcommand]["trainer"]["logger"]
-            uri = getattr(getattr(logger, "init_args", None), "tracking_uri", None)
-            if isinstance(uri, str):
-                check_server(uri)
-
-        def after_fit(self) -> None:
-            target = self.config[self.subcommand].get("artifact_dir")
-            if target and self.trainer.is_global_zero:
-                _export_from_cli(stage, self, target)
-
-    # LightningCLI reads sys.argv; its program name shows in --help and in errors.
-    sys.argv = [f"ldcq {command}", *argv]
-    StageCLI(
-        _load(model_path),
-        _load(data_path),
-        save_config_callback=LogConfigToMLflow,
-        seed_everything_default=0,
-        # Parse errors come back as exceptions, to be told as one line with the closest key.
-        parser_kwargs={"exit_on_error": False},
-        trainer_defaults={
-            "callbacks": [FiniteLossGuard(stage, lr_key="--model.lr")],
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.MLFlowLogger",
-                "init_args": {
-                    "experiment_name": f"ldcq-{stage}",
-                    "tracking_uri": resolve_uri(None),
-                },
-            },
-        },
-    )
-
-
-def _stage_cli_error(parser, exc: argparse.ArgumentError, command: str) -> ConfigError:
-    """A LightningCLI parse error as one line; an unknown option gets the closest valid one."""
-    import difflib
-
-    message = " ".join(str(exc).split())
-    help_hint = f"`ldcq {command} fit --help` lists every option"
-    if not message.startswith("unrecognized arguments"):
-        return ConfigError(f"ldcq {command}: {message}; {help_hint}")
-    valid = set(parser._option_string_actions)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                valid.update(sub._option_string_actions)
-    unknown = []
-    for token in message.split(":", 1)[1].split():
-        if token.startswith("--"):
-            key = token.split("=", 1)[0]
-            match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
-            unknown.append(f"{key!r}" + (f" (did you mean {match[0]!r}?)" if match else ""))
-    return ConfigError(
-        f"ldcq {command}: unknown option {', '.join(unknown) or message}; {help_hint}"
-    )
-
-
-def _export_from_cli(stage: str, cli, target: str) -> None:
-    from pathlib import Path
-
-    from ldcq.artifacts import fingerprint
-    from ldcq.data.datamodules import load_episodes
-    from ldcq.pipeline import dataset_identity, export_artifact
-
-    model, dm = cli.model, cli.datamodule
-    episodes = load_episodes(dm.hparams.dataset, dm.obs_keys)
-    if stage == "skill_vae":
-        hp = model.hparams
-        dims = {"S": hp.state_dim, "A": hp.action_dim, "Z": hp.latent_dim, "H": hp.horizon}
-        upstream = {}
-    else:
-        dims = dict(dm.vae_spec.spec["dims"])
-        upstream = {"skill_vae": dm.vae_spec.fingerprint}
-    config = {k: v for k, v in cli.config[cli.subcommand].items() if k in ("model", "data")}
-    fp = fingerprint({"stage": stage, "config": str(config), "upstream": upstream})
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    artifact = export_artifact(
-        Path(target),
-        stage,
-        model,
-        metrics,
-        cli.parser.dump(cli.config, skip_check=True),
-        {
-            "fingerprint": fp,
-            "dims": dims,
-            "dataset": dataset_identity(episodes),
-            "seed": cli.config[cli.subcommand].get("seed_everything"),
-            "upstream": upstream,
-            "config_hash": fp,
-            "global_step": cli.trainer.global_step,
-        },
-    )
-    print(f"exported {stage} artifact to {artifact.path}")
+# The top-level commands; any other first word names a trained stage (``ldcq <stage> fit …``).
+COMMANDS = ("data", "pipeline", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,24 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _not_an_advert(record: logging.LogRecord) -> bool:
-    return "litlogger" not in record.getMessage()
-
-
-def drop_library_notices() -> None:
-    """Hide two Lightning notices that say nothing about the run: its advert for a cloud logger,
-    and a deprecation that the pinned torch raises inside Lightning's own code."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     drop_library_notices()
     try:
-        if argv and (argv[0] in STAGE_COMMANDS or argv[0] in STAGE_ALIASES):
-            run_stage_cli(argv[0], argv[1:])
-            return 0
+        if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            from ldcq.stage_cli import run_stage_cli
+            from ldcq.stages.registry import ALIASES, REGISTRY
+
+            name = ALIASES.get(argv[0], argv[0])
+            if name in REGISTRY and REGISTRY[name].trained:
+                run_stage_cli(argv[0], argv[1:])
+                return 0
         parser = build_parser()
         # Overrides may come after options (``--trainer ddp a.b=1``), which argparse's
         # positional handling leaves unparsed: collect them here.

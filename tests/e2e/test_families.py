@@ -11,7 +11,9 @@ import pytest
 from lookalike import record_antmaze, record_kitchen
 from test_pipeline import tiny_overrides
 
-from ldcq.pipeline import STAGES, compose, run_pipeline
+from ldcq.config import compose
+from ldcq.pipeline import run_pipeline
+from ldcq.stages.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from tiny import PIPELINE, tiny_dataset, tiny_overrides
 
+from ldcq.config import compose
 from ldcq.errors import ConfigError
-from ldcq.pipeline import compose, run_pipeline
+from ldcq.pipeline import run_pipeline
 
 
 def _weights(result):

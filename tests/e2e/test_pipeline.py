@@ -15,8 +15,10 @@ import pytest
 from conftest import random_episode, write_dataset
 
 from ldcq.cli import main
+from ldcq.config import compose
 from ldcq.errors import ConfigError
-from ldcq.pipeline import STAGES, compose, run_pipeline
+from ldcq.pipeline import run_pipeline
+from ldcq.stages.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "pipelines" / "pointmaze-umaze.yaml"

@@ -18,7 +18,8 @@ from ldcq.artifacts import ArtifactError, load_modules, read_artifact
 from ldcq.errors import ConfigError
 from ldcq.stages import latent_bank as bank_module
 from ldcq.stages.latent_bank import generate_bank, open_bank
-from ldcq.stages.latent_bcq import LatentBCQ, LatentTransitionDataModule
+from ldcq.stages.latent_bcq import LatentBCQ
+from ldcq.stages.latent_data import LatentTransitionDataModule
 
 DATASET = "test/bcq-v0"
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}

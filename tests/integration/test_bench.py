@@ -80,10 +80,10 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
 
 def test_bank_rate_is_timed_on_the_whole_bank(monkeypatch, one_thread):
     # The per-batch-size timings after it once overwrote the bank's own time (4x too fast a rate).
-    from ldcq.bench import perf
+    from ldcq.bench.sections import bank as bank_section
 
-    monkeypatch.setattr(perf, "best_time", lambda *args, **kwargs: 1e6)
-    bank = perf.section_bank(BenchConfig.tiny(root=str(ROOT)))
+    monkeypatch.setattr(bank_section, "best_time", lambda *args, **kwargs: 1e6)
+    bank = bank_section.section_bank(BenchConfig.tiny(root=str(ROOT)))
     assert bank["seconds"] < 1e6
     assert bank["latents_per_s"] == pytest.approx(bank["transitions"] * bank["K"] / bank["seconds"])
     assert set(bank["sample_latents_per_s_by_rows"].values()) == {
@@ -99,9 +99,9 @@ def test_bench_config_refuses_what_cannot_run():
 
 
 def test_bench_score_needs_the_evaluation_stage(monkeypatch):
-    import ldcq.pipeline
+    import ldcq.stages.registry
 
-    monkeypatch.setattr(ldcq.pipeline, "STAGES", ("skill_vae", "diffusion_prior"))
+    monkeypatch.setattr(ldcq.stages.registry, "STAGES", ("skill_vae", "diffusion_prior"))
     with pytest.raises(ConfigError, match="needs the pipeline's `evaluation` stage"):
         score.require_evaluation()
 

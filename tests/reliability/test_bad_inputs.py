@@ -18,9 +18,10 @@ from tiny import PIPELINE, UP_TO_BCQ, pipeline_root, tiny_dataset, tiny_override
 
 from ldcq.artifacts import ArtifactError, load_modules, read_artifact
 from ldcq.cli import main
+from ldcq.config import compose
 from ldcq.data.minari_io import episodes_from_dicts
 from ldcq.errors import ConfigError, DatasetError, LdcqError
-from ldcq.pipeline import compose, run_pipeline
+from ldcq.pipeline import run_pipeline
 
 
 def _error_line(capsys) -> str:

@@ -21,7 +21,8 @@ from tiny import (
     wait_for,
 )
 
-from ldcq.pipeline import compose, run_pipeline
+from ldcq.config import compose
+from ldcq.pipeline import run_pipeline
 from ldcq.stages.checkpointing import inexact_reasons
 
 STEPS, EVERY, VAL_EVERY = 10, 2, 4  # checkpoints at 2, 4, …; validation at 4 and 8, not at 10

@@ -25,8 +25,9 @@ from tiny import (
 
 from ldcq.artifacts import load_modules, read_artifact
 from ldcq.cli import main
+from ldcq.config import compose
 from ldcq.locking import LockError, RunLock
-from ldcq.pipeline import compose, run_pipeline
+from ldcq.pipeline import run_pipeline
 
 N_ROWS = 6 * (30 - 4 + 1)  # transitions of the tiny dataset at H = 4, stride 1
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tiny import PIPELINE, UP_TO_BCQ, assert_identical, tiny_dataset, tiny_overrides
 
-from ldcq.pipeline import compose, run_pipeline
+from ldcq.config import compose
+from ldcq.pipeline import run_pipeline
 
 
 def _run(tmp_path, *extra, stages=UP_TO_BCQ):

@@ -12,8 +12,8 @@ import pytest
 from tiny import PIPELINE
 
 from ldcq.cli import main
+from ldcq.config import compose
 from ldcq.errors import ConfigError
-from ldcq.pipeline import compose
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = sorted((REPO / "src" / "ldcq").rglob("*.py"))

@@ -112,7 +112,8 @@ def test_fingerprint_ignores_key_order():
 def test_bank_fingerprint_follows_the_transitions_it_is_drawn_at(tmp_path, override):
     from pathlib import Path
 
-    from ldcq.pipeline import Context, compose
+    from ldcq.config import compose
+    from ldcq.pipeline import Context
 
     pipeline = Path(__file__).parents[2] / "pipelines" / "pointmaze-umaze.yaml"
 

@@ -15,7 +15,8 @@ from ldcq.stages.latent_bank import (
     plan_blocks,
     write_chunk,
 )
-from ldcq.stages.latent_bcq import LatentBCQ, draw_transitions, q_target
+from ldcq.stages.latent_bcq import LatentBCQ, q_target
+from ldcq.stages.latent_data import draw_transitions
 from ldcq.stages.replay import PrioritizedReplay, SumTree
 
 S, Z, K = 3, 2, 4

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ldcq.config import compose
 from ldcq.errors import ConfigError
-from ldcq.pipeline import compose
 
 REPO = Path(__file__).resolve().parents[2]
 

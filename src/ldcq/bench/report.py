@@ -7,6 +7,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 # DESIGN.md's measurements of the official code on this machine, the numbers to beat.
 OFFICIAL = {"latents_per_s": 550.0, "q_updates_per_s_b128": 7.0, "replan_ms": 800.0}
 # Cores that other processes kept busy during a section above which its timings are suspect.
@@ -15,67 +17,87 @@ DISTURBED_CORES = 0.2
 
 def targets(report: dict) -> list[dict[str, Any]]:
     """The issue's targets (``pass`` True/False) and the official code's numbers (``pass`` None)."""
-    sampling = report["sampling"]
-    lines = [_sampler_target(s) for s in sampling["schedules"]]
-    bank = report["bank"]
+    lines = [_sampler_target(s) for s in report["sampling"]["schedules"]]
+    lines += [_bank_target(report["bank"]), _replay_target(report["q_learning"])]
+    lines += _vs_official_sampler(report["sampling"])
+    lines += _vs_official_q_updates(report["q_learning"]["rows"])
+    return lines + _vs_official_replan(report["latency"]["rows"])
+
+
+def _bank_target(bank: dict) -> dict[str, Any]:
     mapped = "memory-mapped np.memmap" if bank["memory_mapped"] else "NOT memory-mapped"
-    q_rows = report["q_learning"]["rows"]
+    return {
+        "target": "bank ≤ 64 B per stored sample, never whole in RAM",
+        "result": f"{bank['bytes_per_sample']} B/sample (fp16), "
+        f"{bank['bytes_per_transition']:,.0f} B/transition at K={bank['K']}; {mapped}",
+        "pass": bank["bytes_per_sample"] <= 64 and bank["memory_mapped"],
+    }
+
+
+def _replay_target(q_learning: dict) -> dict[str, Any]:
+    q_rows = q_learning["rows"]
     worst = max(q_rows, key=lambda r: r["replay_share"])
     worst_run = max(q_rows, key=lambda r: r["prioritized_cost"])
-    lines += [
-        {
-            "target": "bank ≤ 64 B per stored sample, never whole in RAM",
-            "result": f"{bank['bytes_per_sample']} B/sample (fp16), "
-            f"{bank['bytes_per_transition']:,.0f} B/transition at K={bank['K']}; {mapped}",
-            "pass": bank["bytes_per_sample"] <= 64 and bank["memory_mapped"],
-        },
-        {
-            "target": "prioritized sampling ≤ 20 % over uniform per update",
-            # The two runs differ only by the replay's work (draw, weights, priority update), so
-            # that work, timed alone, is the cost; whole runs swing by ±20 % between runs here.
-            "result": f"the replay's own work: worst {100 * worst['replay_share']:.1f} % of a "
-            f"uniform update (B={worst['batch']}, K={worst['K']}); whole runs, best of "
-            f"{report['q_learning']['rounds']}: worst "
-            f"{100 * worst_run['prioritized_cost']:+.1f} % (B={worst_run['batch']}, "
-            f"K={worst_run['K']})",
-            "pass": worst["replay_share"] <= 0.20,
-        },
-    ]
+    return {
+        "target": "prioritized sampling ≤ 20 % over uniform per update",
+        # The two runs differ only by the replay's work (draw, weights, priority update), so
+        # that work, timed alone, is the cost; whole runs swing by ±20 % between runs here.
+        "result": f"the replay's own work: worst {100 * worst['replay_share']:.1f} % of a "
+        f"uniform update (B={worst['batch']}, K={worst['K']}); whole runs, best of "
+        f"{q_learning['rounds']}: worst "
+        f"{100 * worst_run['prioritized_cost']:+.1f} % (B={worst_run['batch']}, "
+        f"K={worst_run['K']})",
+        "pass": worst["replay_share"] <= 0.20,
+    }
+
+
+def _vs_official_sampler(sampling: dict) -> list[dict[str, Any]]:
+    """The configured DDIM sampler's latents/s against the official code's (none for DDPM)."""
     kind, _, steps = sampling["configured"].partition(" ")
     rows = next(s["samplers"] for s in sampling["schedules"] if s["configured"])
     configured = [r for r in rows if r["name"] == f"DDIM {steps}"]
-    if kind == "ddim" and configured:
-        ratio = configured[0]["latents_per_s"] / OFFICIAL["latents_per_s"]
-        lines.append(
-            {
-                "target": f"vs official sampler ({OFFICIAL['latents_per_s']:.0f} latents/s)",
-                "result": f"configured DDIM {steps}: {ratio:.0f}×",
-                "pass": None,
-            }
-        )
-    b128 = [r for r in report["q_learning"]["rows"] if r["batch"] == 128]
-    if b128:
-        row = max(b128, key=lambda r: r["K"])
-        ratio = row["prioritized_per_s"] / OFFICIAL["q_updates_per_s_b128"]
-        lines.append(
-            {
-                "target": f"vs official Q updates/s at B=128 "
-                f"({OFFICIAL['q_updates_per_s_b128']:.0f}/s)",
-                "result": f"K={row['K']}, prioritized: {ratio:.0f}×",
-                "pass": None,
-            }
-        )
-    one_env = [r for r in report["latency"]["rows"] if r["envs"] == 1]
-    if one_env:
-        ratio = OFFICIAL["replan_ms"] / one_env[0]["replan_ms"]
-        lines.append(
-            {
-                "target": f"vs official re-plan ({OFFICIAL['replan_ms']:.0f} ms)",
-                "result": f"{one_env[0]['family']}, 1 env: {ratio:.0f}× faster",
-                "pass": None,
-            }
-        )
-    return lines
+    if kind != "ddim" or not configured:
+        return []
+    ratio = configured[0]["latents_per_s"] / OFFICIAL["latents_per_s"]
+    return [
+        {
+            "target": f"vs official sampler ({OFFICIAL['latents_per_s']:.0f} latents/s)",
+            "result": f"configured DDIM {steps}: {ratio:.0f}×",
+            "pass": None,
+        }
+    ]
+
+
+def _vs_official_q_updates(q_rows: list[dict]) -> list[dict[str, Any]]:
+    """Prioritized Q updates/s at B=128 (the largest K) against the official code's."""
+    b128 = [r for r in q_rows if r["batch"] == 128]
+    if not b128:
+        return []
+    row = max(b128, key=lambda r: r["K"])
+    ratio = row["prioritized_per_s"] / OFFICIAL["q_updates_per_s_b128"]
+    return [
+        {
+            "target": f"vs official Q updates/s at B=128 "
+            f"({OFFICIAL['q_updates_per_s_b128']:.0f}/s)",
+            "result": f"K={row['K']}, prioritized: {ratio:.0f}×",
+            "pass": None,
+        }
+    ]
+
+
+def _vs_official_replan(latency_rows: list[dict]) -> list[dict[str, Any]]:
+    """The first family's re-plan with one env against the official code's."""
+    one_env = [r for r in latency_rows if r["envs"] == 1]
+    if not one_env:
+        return []
+    ratio = OFFICIAL["replan_ms"] / one_env[0]["replan_ms"]
+    return [
+        {
+            "target": f"vs official re-plan ({OFFICIAL['replan_ms']:.0f} ms)",
+            "result": f"{one_env[0]['family']}, 1 env: {ratio:.0f}× faster",
+            "pass": None,
+        }
+    ]
 
 
 def _sampler_target(schedule: dict) -> dict[str, Any]:
@@ -128,10 +150,8 @@ def _g(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]], left: int = 1):
+def _table(title: str, columns: list[str], rows: list[list[str]], left: int = 1) -> Table:
     """A rich table; the first ``left`` columns are left-justified, the others right."""
-    from rich.table import Table
-
     table = Table(title=title, title_justify="left")
     for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i < left else "right")
@@ -142,8 +162,31 @@ def _table(title: str, columns: list[str], rows: list[list[str]], left: int = 1)
 
 def print_report(report: dict, console) -> None:
     """Every section of ``report`` as rich tables on ``console``."""
-    meta, peak = report["meta"], report["peak"]["gflops"]
+    console.print(_header(report["meta"], report["peak"]["gflops"]))
+    console.print(_train_table(report["train"]))
+    console.print(_sampler_table(report["sampling"]))
+    console.print(_bank_line(report["bank"]))
+    console.print(_q_table(report["q_learning"]))
+    console.print(_latency_table(report["latency"]["rows"]))
+    console.print(_memory_table(report))
+    disturbed = [
+        label for label, r in sections(report) if r.get("other_cpu_cores", 0) > DISTURBED_CORES
+    ]
+    if disturbed:
+        console.print(
+            f"[yellow]Other processes kept > {DISTURBED_CORES} cores busy during: "
+            f"{', '.join(disturbed)}; their timings are pessimistic. Rerun on a quiet machine.[/]"
+        )
     console.print(
+        "[bold]Projected time at the configured steps here[/]: "
+        + ", ".join(f"{r['family']} {r['stage']} {r['hours']:.2g} h" for r in report["projection"])
+    )
+    console.print(_slowest_line(report["slowest"]))
+    console.print(_targets_table(report["targets"]))
+
+
+def _header(meta: dict, peak: dict[str, float]) -> str:
+    return (
         f"[bold]ldcq bench[/] {meta['date']} on {meta['host']}: {meta['device']} "
         f"({meta['device_name']}, {meta['torch_threads']} threads), {meta['precision']}, "
         f"{meta['scale']} sizes; matmul peak "
@@ -151,6 +194,9 @@ def print_report(report: dict, console) -> None:
         + f"; load average {meta['load_avg_start'][0]:.2f} → {meta['load_avg_end'][0]:.2f}, "
         f"other processes at the start {meta['other_cpu_cores_start']:.2f} cores"
     )
+
+
+def _train_table(train: list[dict]) -> Table:
     rows = [
         [
             r["family"],
@@ -163,19 +209,18 @@ def print_report(report: dict, console) -> None:
             _g(r["gflops"]),
             f"{100 * r['peak_fraction']:.1f}",
         ]
-        for r in report["train"]
+        for r in train
     ]
     columns = ["family", "stage", "B", "steps/s", "samples/s", "ms/step", "GFLOP/step"]
-    console.print(
-        _table(
-            "Training throughput (Trainer.fit on synthetic batches; GFLOP = forward + backward)",
-            [*columns, "GFLOP/s", "% of peak"],
-            rows,
-            left=2,
-        )
+    return _table(
+        "Training throughput (Trainer.fit on synthetic batches; GFLOP = forward + backward)",
+        [*columns, "GFLOP/s", "% of peak"],
+        rows,
+        left=2,
     )
 
-    s = report["sampling"]
+
+def _sampler_table(s: dict) -> Table:
     rows = [
         [
             f"{r['name']}, {schedule['schedule']}",
@@ -199,10 +244,11 @@ def print_report(report: dict, console) -> None:
         f"{s['samples_per_state']} samples, RBF bandwidth {s['bandwidth']})"
     )
     columns = ["sampler", "denoiser calls", "latents/s", "× DDPM", "MMD²", "excess vs DDPM"]
-    console.print(_table(title, [*columns, "equal quality"], rows))
+    return _table(title, [*columns, "equal quality"], rows)
 
-    b = report["bank"]
-    console.print(
+
+def _bank_line(b: dict) -> str:
+    return (
         f"[bold]Latent bank[/] ({b['family']}, generate_bank, {b['sampler']}): "
         f"{b['transitions']:,} transitions × K={b['K']} in {b['seconds']:.1f} s = "
         f"{b['latents_per_s']:,.0f} latents/s; {b['bytes_per_sample']} B/sample, "
@@ -211,7 +257,8 @@ def print_report(report: dict, console) -> None:
         + ", ".join(f"{k}: {v:,.0f}" for k, v in b["sample_latents_per_s_by_rows"].items())
     )
 
-    q = report["q_learning"]
+
+def _q_table(q: dict) -> Table:
     rows = [
         [
             str(r["batch"]),
@@ -223,17 +270,16 @@ def print_report(report: dict, console) -> None:
         ]
         for r in q["rows"]
     ]
-    console.print(
-        _table(
-            f"Q-learning updates/s ({q['family']}, N={q['transitions']:,}, Trainer.fit, best of "
-            f"{q['rounds']} alternating runs each)",
-            ["B", "K", "uniform/s", "prioritized/s", "prioritized cost", "replay alone/update"],
-            rows,
-            left=0,
-        )
+    return _table(
+        f"Q-learning updates/s ({q['family']}, N={q['transitions']:,}, Trainer.fit, best of "
+        f"{q['rounds']} alternating runs each)",
+        ["B", "K", "uniform/s", "prioritized/s", "prioritized cost", "replay alone/update"],
+        rows,
+        left=0,
     )
 
-    lat = report["latency"]["rows"]
+
+def _latency_table(lat: list[dict]) -> Table:
     rows = [
         [
             r["family"],
@@ -247,8 +293,10 @@ def print_report(report: dict, console) -> None:
     ]
     sources = ", ".join(sorted({r["source"] for r in lat}))
     columns = ["family", "envs", "K", "re-plan ms", "step ms", "per env step, amortized ms"]
-    console.print(_table(f"Decision latency (timed: {sources})", columns, rows))
+    return _table(f"Decision latency (timed: {sources})", columns, rows)
 
+
+def _memory_table(report: dict) -> Table:
     rows = []
     for label, r in sections(report):
         m = r["memory"]
@@ -256,32 +304,22 @@ def print_report(report: dict, console) -> None:
         other = f"{r['other_cpu_cores']:.2f}" if "other_cpu_cores" in r else "?"
         row = [label, _g(m["rss_start_mb"]), _g(m["rss_peak_mb"]) + cuda, _g(r["seconds_total"])]
         rows.append([*row, other])
-    console.print(
-        _table(
-            f"Peak memory per section ({meta['memory_method']})",
-            ["section", "RSS after imports MB", "peak RSS MB", "wall s", "other processes, cores"],
-            rows,
-        )
+    return _table(
+        f"Peak memory per section ({report['meta']['memory_method']})",
+        ["section", "RSS after imports MB", "peak RSS MB", "wall s", "other processes, cores"],
+        rows,
     )
-    disturbed = [
-        label for label, r in sections(report) if r.get("other_cpu_cores", 0) > DISTURBED_CORES
-    ]
-    if disturbed:
-        console.print(
-            f"[yellow]Other processes kept > {DISTURBED_CORES} cores busy during: "
-            f"{', '.join(disturbed)}; their timings are pessimistic. Rerun on a quiet machine.[/]"
-        )
 
-    slow = report["slowest"]
-    console.print(
-        "[bold]Projected time at the configured steps here[/]: "
-        + ", ".join(f"{r['family']} {r['stage']} {r['hours']:.2g} h" for r in report["projection"])
-    )
-    console.print(
+
+def _slowest_line(slow: dict) -> str:
+    return (
         f"[bold]Slowest stage[/]: {slow['family']} {slow['stage']} ({slow['work']}, "
         f"{slow['hours']:.3g} h here); top operators by self time: "
         + "; ".join(f"{o['op']} {100 * o['share']:.0f} %" for o in slow["ops"])
     )
+
+
+def _targets_table(lines: list[dict[str, Any]]) -> Table:
     status = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[dim]info[/]"}
-    rows = [[line["target"], line["result"], status[line["pass"]]] for line in report["targets"]]
-    console.print(_table("Targets", ["target", "result", ""], rows, left=3))
+    rows = [[line["target"], line["result"], status[line["pass"]]] for line in lines]
+    return _table("Targets", ["target", "result", ""], rows, left=3)

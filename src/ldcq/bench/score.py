@@ -31,8 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
 
+from ldcq.artifacts import atomic_write_text, fingerprint, git_sha
+from ldcq.config import compose
 from ldcq.errors import ConfigError, LdcqError
+from ldcq.stages import registry
+from ldcq.tracking import resolve_uri
 
 METHODS = {"q": "LDCQ", "prior": "diffusion prior, no Q", "vae-prior": "BC (VAE prior)"}
 SCORES = ("eval/normalized_score", "eval/success_rate", "eval/return_mean")
@@ -43,15 +51,13 @@ _CLI = [sys.executable, "-m", "ldcq.cli"]
 
 def require_evaluation() -> tuple[str, ...]:
     """The pipeline's stages; refuses a checkout whose pipeline has no ``evaluation`` stage."""
-    from ldcq.pipeline import STAGES
-
-    if "evaluation" not in STAGES:
+    if "evaluation" not in registry.STAGES:
         raise ConfigError(
             "make bench-score needs the pipeline's `evaluation` stage (ldcq.evaluation: the "
             "policy in the simulator and its normalized score), which this checkout does not "
-            f"have: its stages are {list(STAGES)}. Update the checkout, then rerun"
+            f"have: its stages are {list(registry.STAGES)}. Update the checkout, then rerun"
         )
-    return STAGES
+    return registry.STAGES
 
 
 def ensure_dataset(dataset: str) -> None:
@@ -63,10 +69,6 @@ def ensure_dataset(dataset: str) -> None:
 
 def _parent_run(cfg, started: float):
     """The newest top-level MLflow run of the pipeline's experiment started after ``started``."""
-    from mlflow.tracking import MlflowClient
-
-    from ldcq.tracking import resolve_uri
-
     client = MlflowClient(resolve_uri(cfg.get("tracking_uri")))
     experiment = client.get_experiment_by_name(cfg.name)
     runs = []
@@ -89,8 +91,6 @@ def run_once(
     pipeline: Path, scale: str, seed: int, selector: str, overrides: list[str], stages
 ) -> dict[str, Any]:
     """One ``ldcq pipeline run``; returns its evaluation metrics and per-stage wall times."""
-    from ldcq.pipeline import compose
-
     run_overrides = [f"seed={seed}", f"evaluation.selector={selector}", *overrides]
     cfg = compose(pipeline, run_overrides, scale=scale)
     started, load_start = time.time(), os.getloadavg()
@@ -116,8 +116,6 @@ def run_once(
     missing = [k for k in SCORES if k not in metrics]
     if missing:
         raise ConfigError(f"{evaluation}/metrics.json lacks {missing}; the evaluation changed?")
-
-    from ldcq.artifacts import git_sha
 
     spec = json.loads((evaluation / "spec.json").read_text())
     return {
@@ -155,11 +153,6 @@ def host() -> dict[str, Any]:
 def config_hash(pipeline: Path, scale: str, selector: str, overrides: list[str]) -> str:
     """Hash of the resolved config of a run apart from its seed: the runs of one method and config
     share it across seeds, so the results table averages them."""
-    from omegaconf import OmegaConf
-
-    from ldcq.artifacts import fingerprint
-    from ldcq.pipeline import compose
-
     cfg = compose(pipeline, [f"evaluation.selector={selector}", *overrides, "seed=0"], scale=scale)
     return fingerprint(OmegaConf.to_container(cfg, resolve=True))
 
@@ -168,8 +161,6 @@ def record(path: Path, meta: dict[str, Any], run: dict[str, Any]) -> None:
     """Add ``run`` to the results file at ``path`` (written atomically), replacing a record of the
     same seed, method and config; a stage the new run found cached keeps the earlier record's
     time for the same artifact (fingerprint)."""
-    from ldcq.artifacts import atomic_write_text
-
     data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     key = (run["seed"], run["selector"], run["config_hash"])
     same = [r for r in data["runs"] if (r["seed"], r["selector"], r["config_hash"]) == key]
@@ -232,8 +223,6 @@ def summarize(runs: list[dict], stages) -> list[dict[str, Any]]:
 
 
 def print_summary(summary: list[dict], stages, title: str, console) -> None:
-    from rich.table import Table
-
     def pm(v: dict[str, float] | None, digits: int = 2, missing: str = "cached") -> str:
         return missing if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
 
@@ -278,10 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
-    from ldcq.pipeline import compose
-
     args = build_parser().parse_args(argv)
     console = Console()
     if not console.is_terminal:  # piped or redirected: keep the table's 12 columns on one line

@@ -57,15 +57,8 @@ def _remote_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_dataset(name_or_id: str, download: bool = True):
-    """Return the ``minari.MinariDataset`` for an id, downloading it when it is not local.
-
-    Raises:
-        DatasetError: the id is malformed, or the dataset is neither local nor downloadable; the
-            message names the id and both remedies.
-    """
-    import minari
-
+def _checked_id(name_or_id: str) -> str:
+    """The Minari id of a name or id, refusing a malformed id or an outdated generated one."""
     dataset_id = canonical_id(name_or_id)
     if not _ID_PATTERN.match(dataset_id):
         raise DatasetError(
@@ -80,6 +73,19 @@ def load_dataset(name_or_id: str, download: bool = True):
             f"protocol; generate the current one with `ldcq data generate {outdated}` and use "
             f"`dataset={outdated}` (id {names.dataset_id(outdated)})"
         )
+    return dataset_id
+
+
+def load_dataset(name_or_id: str, download: bool = True):
+    """Return the ``minari.MinariDataset`` for an id, downloading it when it is not local.
+
+    Raises:
+        DatasetError: the id is malformed, or the dataset is neither local nor downloadable; the
+            message names the id and both remedies.
+    """
+    import minari
+
+    dataset_id = _checked_id(name_or_id)
     local = datasets_root() / dataset_id / "data"
     if local.exists():
         try:
@@ -195,6 +201,36 @@ def observation_vector(obs, obs_keys: Sequence[str], dataset_id: str) -> np.ndar
     return np.concatenate([_flatten(obs[k], k, where) for k in obs_keys], axis=1)
 
 
+def _checked_episode(ep: Mapping, where: str, obs_keys, dataset_id: str):
+    """One episode's observation vectors and actions, once its fields are there and agree."""
+    for key in ("observations", "actions", "rewards", "terminations", "truncations"):
+        if ep.get(key) is None:
+            raise DatasetError(f"{where} has no {key!r}: regenerate or re-download the dataset")
+    obs = observation_vector(ep["observations"], obs_keys, dataset_id)
+    act = _flatten(ep["actions"], "actions", where)
+    n = len(act)
+    sizes = {
+        "observations": (len(obs), n + 1),
+        "rewards": (len(ep["rewards"]), n),
+        "terminations": (len(ep["terminations"]), n),
+        "truncations": (len(ep["truncations"]), n),
+    }
+    for key, (got, want) in sizes.items():
+        if got != want:
+            raise DatasetError(
+                f"{where} has {n} actions but {got} {key} (expected {want}): the dataset is "
+                f"malformed; regenerate or re-download it"
+            )
+    for key in ("rewards", "terminations", "truncations"):
+        arr = np.asarray(ep[key])
+        if arr.size != n or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise DatasetError(
+                f"{where}: {key!r} has shape {arr.shape} and dtype {arr.dtype}, but {n} "
+                f"numbers (one per action) are needed; regenerate or re-download the dataset"
+            )
+    return obs, act
+
+
 def episodes_from_dicts(
     episodes: Sequence[Mapping],
     obs_keys: Sequence[str] = ("observation",),
@@ -203,32 +239,10 @@ def episodes_from_dicts(
     """Validate per-episode dicts (Minari's fields) and pack them into :class:`EpisodeArrays`."""
     obs_parts, act_parts, rew_parts, term_parts, trunc_parts, lengths = [], [], [], [], [], []
     for i, ep in enumerate(episodes):
-        where = f"dataset {dataset_id!r}, episode {ep.get('id', i)}"
-        for key in ("observations", "actions", "rewards", "terminations", "truncations"):
-            if ep.get(key) is None:
-                raise DatasetError(f"{where} has no {key!r}: regenerate or re-download the dataset")
-        obs = observation_vector(ep["observations"], obs_keys, dataset_id)
-        act = _flatten(ep["actions"], "actions", where)
+        obs, act = _checked_episode(
+            ep, f"dataset {dataset_id!r}, episode {ep.get('id', i)}", obs_keys, dataset_id
+        )
         n = len(act)
-        sizes = {
-            "observations": (len(obs), n + 1),
-            "rewards": (len(ep["rewards"]), n),
-            "terminations": (len(ep["terminations"]), n),
-            "truncations": (len(ep["truncations"]), n),
-        }
-        for key, (got, want) in sizes.items():
-            if got != want:
-                raise DatasetError(
-                    f"{where} has {n} actions but {got} {key} (expected {want}): the dataset is "
-                    f"malformed; regenerate or re-download it"
-                )
-        for key in ("rewards", "terminations", "truncations"):
-            arr = np.asarray(ep[key])
-            if arr.size != n or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-                raise DatasetError(
-                    f"{where}: {key!r} has shape {arr.shape} and dtype {arr.dtype}, but {n} "
-                    f"numbers (one per action) are needed; regenerate or re-download the dataset"
-                )
         if n == 0:
             continue
         obs_parts.append(obs)

@@ -321,6 +321,18 @@ def _episode_buffers(
     return buffers
 
 
+def _check_request(steps, episode_length, ref_episodes, id_, path, overwrite: bool) -> None:
+    if steps < 1 or episode_length < 1 or ref_episodes < 1:
+        raise DatasetError(
+            f"steps ({steps}), episode_length ({episode_length}) and ref_episodes ({ref_episodes})"
+            " must all be positive"
+        )
+    if path.exists() and not overwrite:
+        raise DatasetExists(
+            f"dataset {id_} already exists at {path}; pass --overwrite (overwrite=True) to replace it"
+        )
+
+
 def generate_dataset(
     name: str,
     steps: int | None = None,
@@ -347,17 +359,9 @@ def generate_dataset(
     spec, dense = parse_name(name)
     steps = spec.default_steps if steps is None else steps
     episode_length = spec.horizon if episode_length is None else episode_length
-    if steps < 1 or episode_length < 1 or ref_episodes < 1:
-        raise DatasetError(
-            f"steps ({steps}), episode_length ({episode_length}) and ref_episodes ({ref_episodes})"
-            " must all be positive"
-        )
     id_ = dataset_id(name)
     path = get_dataset_path(id_)
-    if path.exists() and not overwrite:
-        raise DatasetExists(
-            f"dataset {id_} already exists at {path}; pass --overwrite (overwrite=True) to replace it"
-        )
+    _check_request(steps, episode_length, ref_episodes, id_, path, overwrite)
 
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -370,7 +374,7 @@ def generate_dataset(
     with bar:
         stream = _collect(spec, dense, steps, seed, bar)
     rewards = relabel_rewards(stream.observations[1:, :2], spec, dense)
-    ref_min, ref_max = reference_scores(name, ref_episodes, seed)
+    ref_scores = reference_scores(name, ref_episodes, seed)
     buffers = _episode_buffers(stream, rewards, episode_length, seed)
 
     # Replace an old dataset only once the new one is ready to be written.
@@ -378,6 +382,13 @@ def generate_dataset(
         shutil.rmtree(path)
     if NAMESPACE not in list_local_namespaces():
         create_namespace(NAMESPACE, description="D4RL maze2d-equivalent datasets made by ldcq.")
+    description = _description(name, spec, dense, steps, seed, episode_length)
+    _write(id_, buffers, name, spec, dense, steps, ref_scores, ref_episodes, description)
+    return id_
+
+
+def _write(id_, buffers, name, spec, dense, steps, ref_scores, ref_episodes, description) -> None:
+    """The episodes as a local Minari dataset, with its generation and evaluation envs."""
     generation_env = _generation_env(spec, dense, steps)
     eval_env = make_eval_env(name)
     try:
@@ -391,10 +402,10 @@ def generate_dataset(
                 eval_env=eval_env.spec,
                 algorithm_name="QIteration waypoint controller + N(0, 0.5^2) action noise",
                 author="ldcq",
-                ref_min_score=ref_min,
-                ref_max_score=ref_max,
+                ref_min_score=ref_scores[0],
+                ref_max_score=ref_scores[1],
                 num_episodes_average_score=ref_episodes,
-                description=_description(name, spec, dense, steps, seed, episode_length),
+                description=description,
                 requirements=[
                     f"gymnasium-robotics=={importlib.metadata.version('gymnasium-robotics')}",
                     f"mujoco=={importlib.metadata.version('mujoco')}",
@@ -403,7 +414,6 @@ def generate_dataset(
     finally:
         generation_env.close()
         eval_env.close()
-    return id_
 
 
 def _description(

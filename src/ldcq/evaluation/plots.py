@@ -223,25 +223,8 @@ def plot_q_map(
     )
     fig.colorbar(heat, ax=ax, shrink=0.8, label="max over K of min(Q1, Q2)")
     _draw_maze(ax, maze)
-    decoder = getattr(vae, "state_decoder", None)
-    if decoder is not None:
-        s = torch.as_tensor(centres)
-        mean, _ = decoder(vae.state_normalizer(s), latents[len(grid) :])
-        shift = (vae.state_normalizer.unnormalize(mean) - s)[:, :2].numpy()
-        ax.quiver(
-            centres[:, 0],
-            centres[:, 1],
-            shift[:, 0],
-            shift[:, 1],
-            angles="xy",
-            scale_units="xy",
-            scale=1.0,
-            color="white",
-            edgecolor="black",
-            linewidth=0.5,
-            width=0.008,
-            zorder=5,
-        )
+    if getattr(vae, "state_decoder", None) is not None:
+        _draw_skill_arrows(ax, vae, centres, latents[len(grid) :])
     ax.set_title(f"Q of the best of K={num_samples} prior latents, standing still")
     ax.set_xlabel("x")
     ax.set_ylabel("y")
@@ -484,6 +467,28 @@ def _look_from_above(env: gym.Env) -> None:
     }
 
 
+def _draw_skill_arrows(ax, vae, centres: np.ndarray, latents: torch.Tensor) -> None:
+    """An arrow at each state of ``centres`` to the s_{t+H} the VAE's state decoder predicts
+    for its latent."""
+    s = torch.as_tensor(centres)
+    mean, _ = vae.state_decoder(vae.state_normalizer(s), latents)
+    shift = (vae.state_normalizer.unnormalize(mean) - s)[:, :2].numpy()
+    ax.quiver(
+        centres[:, 0],
+        centres[:, 1],
+        shift[:, 0],
+        shift[:, 1],
+        angles="xy",
+        scale_units="xy",
+        scale=1.0,
+        color="white",
+        edgecolor="black",
+        linewidth=0.5,
+        width=0.008,
+        zorder=5,
+    )
+
+
 def render_video(
     policy,
     make_env: Callable[..., gym.Env],
@@ -525,21 +530,28 @@ def render_video(
             )
             return None
         horizon = max_steps or (env.spec.max_episode_steps if env.spec else None) or 1000
-        low, high = env.action_space.low, env.action_space.high
-        policy.reset(1)
-        for t in range(horizon):
-            state = observation_vector(_batched(obs), obs_keys, "video env")
-            action = np.clip(policy.act(state)[0], low, high)
-            obs, _, terminated, truncated, _ = env.step(action)
-            done = terminated or truncated
-            if (t + 1) % every == 0 or done:
-                frames.append(env.render())
-            if done:
-                break
+        frames += _episode_frames(env, policy, obs, horizon, every, obs_keys)
     finally:
         env.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     return _write_video(frames, path, fps)
+
+
+def _episode_frames(env, policy, obs, horizon: int, every: int, obs_keys) -> list[np.ndarray]:
+    """The frames of one episode from ``obs`` on: one every ``every`` steps, and the last."""
+    frames = []
+    low, high = env.action_space.low, env.action_space.high
+    policy.reset(1)
+    for t in range(horizon):
+        state = observation_vector(_batched(obs), obs_keys, "video env")
+        action = np.clip(policy.act(state)[0], low, high)
+        obs, _, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+        if (t + 1) % every == 0 or done:
+            frames.append(env.render())
+        if done:
+            break
+    return frames
 
 
 def make_pictures(

@@ -125,53 +125,81 @@ def evaluate(
     venv = vector_cls([env_fn] * num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     try:
         horizon = max_steps or venv.get_attr("spec")[0].max_episode_steps
-        low, high = venv.single_action_space.low, venv.single_action_space.high
-        returns = np.zeros(episodes)
-        lengths = np.zeros(episodes, dtype=np.int64)
-        success = np.zeros(episodes, dtype=bool)
-        first_hit = np.full(episodes, -1, dtype=np.int64)
-        positions = np.full((episodes, horizon, 2), np.nan, dtype=np.float32)
+        tally = _Tally.empty(episodes, horizon)
         for start in range(0, episodes, num_envs):
             ids = np.arange(start, min(start + num_envs, episodes))
-            n = len(ids)
-            obs, _ = venv.reset(seed=[seed + start + i for i in range(num_envs)])
-            policy.reset(num_envs)
-            active = np.arange(num_envs) < n
-            for t in range(horizon):
-                states = observation_vector(obs, obs_keys, "evaluation env")
-                live = active[:n]
-                positions[ids[live], t] = _positions(obs, states)[:n][live]
-                actions = np.clip(policy.act(states), low, high)
-                obs, reward, terminated, truncated, info = venv.step(actions)
-                reward = np.asarray(reward, dtype=np.float64)
-                returns[ids] += np.where(active, reward, 0.0)[:n]
-                if "success" in info:
-                    reached = np.asarray(info["success"], dtype=bool)[:n]
-                    success[ids] |= active[:n] & reached
-                else:
-                    # Without a success signal a reward marks the goal: sparse rewards only.
-                    reached = reward[:n] > 0
-                hit = active[:n] & reached & (first_hit[ids] < 0)
-                first_hit[ids[hit]] = t
-                ended = np.asarray(terminated) | np.asarray(truncated)
-                done = active & ended
-                lengths[ids[done[:n]]] = t + 1
-                active &= ~done
-                if not active.any():
-                    break
-                if ended.any():
-                    # Finished envs idle in a fresh episode until the wave ends; their steps
-                    # are masked out (autoreset is off so that every episode has its own seed).
-                    obs, _ = venv.reset(options={"reset_mask": ended})
-            lengths[ids[active[:n]]] = horizon
+            seeds = [seed + start + i for i in range(num_envs)]
+            _run_wave(venv, policy, obs_keys, tally, ids, seeds, horizon)
     finally:
         venv.close()
+    metrics = _metrics(tally, horizon, episodes, ref_scores)
+    return metrics, Trajectories(tally.positions, tally.success, tally.returns, tally.lengths)
 
+
+@dataclass
+class _Tally:
+    """Per episode: return, length, success, first-hit step (−1: none) and xy positions."""
+
+    returns: np.ndarray
+    lengths: np.ndarray
+    success: np.ndarray
+    first_hit: np.ndarray
+    positions: np.ndarray
+
+    @classmethod
+    def empty(cls, episodes: int, horizon: int) -> _Tally:
+        return cls(
+            returns=np.zeros(episodes),
+            lengths=np.zeros(episodes, dtype=np.int64),
+            success=np.zeros(episodes, dtype=bool),
+            first_hit=np.full(episodes, -1, dtype=np.int64),
+            positions=np.full((episodes, horizon, 2), np.nan, dtype=np.float32),
+        )
+
+
+def _run_wave(venv, policy, obs_keys, tally: _Tally, ids, seeds, horizon: int) -> None:
+    """Episodes ``ids`` in parallel, one per env (spare envs run masked out)."""
+    n, num_envs = len(ids), venv.num_envs
+    low, high = venv.single_action_space.low, venv.single_action_space.high
+    obs, _ = venv.reset(seed=seeds)
+    policy.reset(num_envs)
+    active = np.arange(num_envs) < n
+    for t in range(horizon):
+        states = observation_vector(obs, obs_keys, "evaluation env")
+        live = active[:n]
+        tally.positions[ids[live], t] = _positions(obs, states)[:n][live]
+        actions = np.clip(policy.act(states), low, high)
+        obs, reward, terminated, truncated, info = venv.step(actions)
+        reward = np.asarray(reward, dtype=np.float64)
+        tally.returns[ids] += np.where(active, reward, 0.0)[:n]
+        if "success" in info:
+            reached = np.asarray(info["success"], dtype=bool)[:n]
+            tally.success[ids] |= active[:n] & reached
+        else:
+            # Without a success signal a reward marks the goal: sparse rewards only.
+            reached = reward[:n] > 0
+        hit = active[:n] & reached & (tally.first_hit[ids] < 0)
+        tally.first_hit[ids[hit]] = t
+        ended = np.asarray(terminated) | np.asarray(truncated)
+        done = active & ended
+        tally.lengths[ids[done[:n]]] = t + 1
+        active &= ~done
+        if not active.any():
+            break
+        if ended.any():
+            # Finished envs idle in a fresh episode until the wave ends; their steps are
+            # masked out (autoreset is off so that every episode has its own seed).
+            obs, _ = venv.reset(options={"reset_mask": ended})
+    tally.lengths[ids[active[:n]]] = horizon
+
+
+def _metrics(tally: _Tally, horizon: int, episodes: int, ref_scores) -> dict[str, float]:
+    first_hit, returns = tally.first_hit, tally.returns
     metrics = {
         "eval/return_mean": float(returns.mean()),
         "eval/return_std": float(returns.std()),
-        "eval/success_rate": float(success.mean()),
-        "eval/episode_length": float(lengths.mean()),
+        "eval/success_rate": float(tally.success.mean()),
+        "eval/episode_length": float(tally.lengths.mean()),
         "eval/first_hit_score": float(np.where(first_hit >= 0, horizon - first_hit, 0).mean()),
         "eval/episodes": float(episodes),
     }
@@ -184,4 +212,4 @@ def evaluate(
         # paper's maze2d numbers are this figure, which credits every step after the first hit.
         first_hit_score = metrics["eval/first_hit_score"]
         metrics["eval/first_hit_normalized"] = 100.0 * (first_hit_score - r_min) / (r_max - r_min)
-    return metrics, Trajectories(positions, success, returns, lengths)
+    return metrics

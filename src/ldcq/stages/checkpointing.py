@@ -16,7 +16,7 @@ rank and the batch number (:func:`ldcq.stages.common.training_noise`).
 
 from __future__ import annotations
 
-import os
+import contextlib
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
+
+from ldcq.artifacts import atomic_path
 
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -186,10 +188,8 @@ class ResumableCheckpoint(Checkpoint):
 
     def _save(self, trainer: L.Trainer) -> None:
         self._pending, self._step = False, trainer.global_step
-        tmp = self.dirpath / f"{CHECKPOINT_NAME}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
-        if trainer.is_global_zero:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+        # Every rank calls save_checkpoint; rank 0 writes, and renames the file into place.
+        target = atomic_path(self.path, fsync=True) if trainer.is_global_zero else None
+        with target or contextlib.nullcontext(self.path) as tmp:
+            trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier("ResumableCheckpoint")

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ldcq.artifacts import ArtifactError, atomic_write_text
+from ldcq.artifacts import ArtifactError, atomic_path, atomic_write_text
 from ldcq.errors import ConfigError
 from ldcq.models import SAMPLERS
 from ldcq.stages.common import check_positive
@@ -50,6 +50,22 @@ def block_seed(seed: int, first_index: int) -> int:
     """A 63-bit generator seed for the block starting at row ``first_index``."""
     words = np.random.SeedSequence([seed, first_index]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
+
+
+def check_bank_settings(
+    num_samples: int,
+    sampler: str,
+    sampling_steps: int,
+    extra_steps: int,
+    batch_size: int | None = None,
+) -> None:
+    """The ``latent_bank`` section's values, each named by its pipeline key when wrong."""
+    check_positive("latent_bank", num_samples=num_samples, sampling_steps=sampling_steps)
+    check_positive("latent_bank", allow_zero=True, extra_steps=extra_steps)
+    if batch_size is not None:
+        check_positive("latent_bank", batch_size=batch_size)
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"latent_bank.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
 
 
 class PriorSampler(L.LightningModule):
@@ -69,10 +85,7 @@ class PriorSampler(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_positive("latent_bank", num_samples=num_samples, sampling_steps=sampling_steps)
-        check_positive("latent_bank", allow_zero=True, extra_steps=extra_steps)
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"bank.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
+        check_bank_settings(num_samples, sampler, sampling_steps, extra_steps)
         self.prior = prior.eval().requires_grad_(False)
         self.num_samples, self.sampler = num_samples, sampler
         self.sampling_steps, self.extra_steps, self.seed = sampling_steps, extra_steps, seed
@@ -116,10 +129,8 @@ class BankWriter(BasePredictionWriter):
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def write_chunk(chunk_dir: Path, rank: int, index: np.ndarray, samples: np.ndarray) -> Path:
@@ -276,69 +287,88 @@ def generate_bank(
     """
     check_positive("latent_bank", num_samples=num_samples, batch_size=batch_size)
     state_dim, latent_dim = prior_module.hparams.state_dim, prior_module.hparams.latent_dim
+    _check_states(next_states, state_dim)
+    bank_dir = Path(bank_dir)
+    settings = {"sampler": sampler, "sampling_steps": sampling_steps, "extra_steps": extra_steps}
+    request = _request(
+        prior_module,
+        next_states,
+        {"num_samples": num_samples, "latent_dim": latent_dim, **settings, "seed": seed}
+        | {"batch_size": batch_size},
+    )
+    if _finished(bank_dir, request):
+        return bank_dir / BANK_FILE
+    chunk_dir = bank_dir / CHUNK_DIR / request["id"]
+    trainer = _predict_trainer(chunk_dir, trainer_kwargs or {})
+    sampler_module = PriorSampler(prior_module, num_samples, **settings, seed=seed)
+    loader = _missing_blocks(next_states, chunk_dir, batch_size, trainer.world_size)
+    # Called even with nothing left to do: under DDP it is what joins the ranks for the barriers.
+    trainer.predict(sampler_module, dataloaders=loader, return_predictions=False)
+    trainer.strategy.barrier("bank-chunks")
+    if trainer.is_global_zero:
+        _consolidate_bank(bank_dir, chunk_dir, request)
+    trainer.strategy.barrier("bank-done")
+    return bank_dir / BANK_FILE
+
+
+def _check_states(next_states: Tensor, state_dim: int) -> None:
     if next_states.dim() != 2 or next_states.shape[1] != state_dim:
         raise ConfigError(
             f"next_states of shape {tuple(next_states.shape)} do not fit the diffusion prior "
             f"(S={state_dim}): generate the bank from the same dataset the prior was trained on"
         )
-    bank_dir = Path(bank_dir)
-    bank_path, meta_path = bank_dir / BANK_FILE, bank_dir / META_FILE
-    request = _request(
-        prior_module,
-        next_states,
-        {
-            "num_samples": num_samples,
-            "latent_dim": latent_dim,
-            "sampler": sampler,
-            "sampling_steps": sampling_steps,
-            "extra_steps": extra_steps,
-            "seed": seed,
-            "batch_size": batch_size,
-        },
-    )
-    if bank_path.is_file():
-        previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if previous.get("id") == request["id"]:
-            return bank_path
-        raise ConfigError(
-            f"{bank_path} was generated for another prior, other transitions or other sampling "
-            f"settings; delete {bank_dir} (or choose another bank folder) to generate it again"
-        )
 
-    chunk_dir = bank_dir / CHUNK_DIR / request["id"]
-    num_rows = int(next_states.shape[0])
+
+def _predict_trainer(chunk_dir: Path, trainer_kwargs: dict[str, Any]) -> L.Trainer:
+    """A predict-only Trainer whose :class:`BankWriter` writes each batch as a chunk."""
     kwargs = {
         "logger": False,
         "enable_checkpointing": False,
         "enable_model_summary": False,
-        **(trainer_kwargs or {}),
+        **trainer_kwargs,
     }
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), BankWriter(chunk_dir)]
-    trainer = L.Trainer(**kwargs)
-    blocks = plan_blocks(missing_rows(chunk_dir, num_rows), batch_size)
-    if 0 < len(blocks) < trainer.world_size:
+    return L.Trainer(**kwargs)
+
+
+def _finished(bank_dir: Path, request: dict[str, Any]) -> bool:
+    """True if ``bank_dir`` holds the finished bank of ``request``; refuses another one."""
+    bank_path, meta_path = bank_dir / BANK_FILE, bank_dir / META_FILE
+    if not bank_path.is_file():
+        return False
+    previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if previous.get("id") == request["id"]:
+        return True
+    raise ConfigError(
+        f"{bank_path} was generated for another prior, other transitions or other sampling "
+        f"settings; delete {bank_dir} (or choose another bank folder) to generate it again"
+    )
+
+
+def _missing_blocks(
+    next_states: Tensor, chunk_dir: Path, batch_size: int, world_size: int
+) -> DataLoader:
+    """A loader of one block of rows per batch, over the rows no finished chunk covers."""
+    blocks = plan_blocks(missing_rows(chunk_dir, int(next_states.shape[0])), batch_size)
+    if 0 < len(blocks) < world_size:
         # Lightning's predict sampler refuses a rank without any batch: give it an empty one.
-        blocks += [np.zeros(0, dtype=np.int64)] * (trainer.world_size - len(blocks))
-    # One block per batch; batch_size=1 (not None) lets Lightning track indices without a warning.
-    loader = DataLoader(
+        blocks += [np.zeros(0, dtype=np.int64)] * (world_size - len(blocks))
+    # batch_size=1 (not None) lets Lightning track indices without a warning.
+    return DataLoader(
         _Blocks(next_states.detach().cpu(), blocks), batch_size=1, collate_fn=_only_item
     )
-    sampler_module = PriorSampler(
-        prior_module, num_samples, sampler, sampling_steps, extra_steps, seed
-    )
-    # Called even with nothing left to do: under DDP it is what joins the ranks for the barriers.
-    trainer.predict(sampler_module, dataloaders=loader, return_predictions=False)
-    trainer.strategy.barrier("bank-chunks")
-    if trainer.is_global_zero:
-        for stale in bank_dir.glob(f"{BANK_FILE}.tmp-*"):  # left by a consolidation that was killed
-            stale.unlink(missing_ok=True)
-        tmp = consolidate(chunk_dir, bank_path, tuple(request["shape"]))
-        # bank.json goes first: a bank.npy is never seen without the request it answers.
-        atomic_write_text(meta_path, json.dumps(request, indent=2, sort_keys=True))
-        os.replace(tmp, bank_path)
-        shutil.rmtree(bank_dir / CHUNK_DIR, ignore_errors=True)
-    trainer.strategy.barrier("bank-done")
-    return bank_path
+
+
+def _consolidate_bank(bank_dir: Path, chunk_dir: Path, request: dict[str, Any]) -> None:
+    """The chunks into ``bank.npy`` beside ``bank.json`` (global rank 0); the chunks go."""
+    bank_path = bank_dir / BANK_FILE
+    for stale in bank_dir.glob(f"{BANK_FILE}.tmp-*"):  # left by a consolidation that was killed
+        stale.unlink(missing_ok=True)
+    tmp = consolidate(chunk_dir, bank_path, tuple(request["shape"]))
+    # bank.json goes first: a bank.npy is never seen without the request it answers.
+    atomic_write_text(bank_dir / META_FILE, json.dumps(request, indent=2, sort_keys=True))
+    os.replace(tmp, bank_path)
+    shutil.rmtree(bank_dir / CHUNK_DIR, ignore_errors=True)
 
 
 def open_bank(path: str | Path) -> np.ndarray:

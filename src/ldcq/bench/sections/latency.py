@@ -1,0 +1,106 @@
+"""Decision latency: a re-plan (K prior samples, min(Q1, Q2), argmax, first action) and an env
+step between re-plans, for 1 and many envs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldcq.bench.config import BenchConfig
+from ldcq.bench.measure import autocast, load_family, sync
+from ldcq.evaluation.policy import LDCQPolicy
+from ldcq.stages.registry import TRAINED
+
+
+def section_latency(cfg: BenchConfig) -> dict[str, Any]:
+    """ms per re-plan (K prior samples, min(Q1, Q2), argmax, first action) and per env step."""
+    rows = []
+    for name in cfg.families:
+        fam = load_family(cfg, name)
+        vae, prior, q = (fam.build(s).eval().requires_grad_(False).to(cfg.device) for s in TRAINED)
+        evaluation = fam.cfg.get("evaluation") or {}
+        k = int(evaluation.get("num_samples", 50))
+        every = int(evaluation.get("replan_every", 10))
+        for n in cfg.envs:
+            states = torch.randn(n, fam.S, generator=torch.Generator().manual_seed(cfg.seed))
+            replan_s, step_s, source = decision_times(cfg, vae, prior, q, states, k, every)
+            rows.append(
+                {
+                    "family": name,
+                    "envs": n,
+                    "K": k,
+                    "replan_every": every,
+                    "replan_ms": replan_s * 1e3,
+                    "step_ms": step_s * 1e3,
+                    "amortized_step_ms": (replan_s + (every - 1) * step_s) / every * 1e3,
+                    "source": source,
+                }
+            )
+    return {"rows": rows}
+
+
+def decision_times(
+    cfg: BenchConfig, vae, prior, q, states: Tensor, k: int, every: int
+) -> tuple[float, float, str]:
+    """(seconds per re-plan, seconds per env step between re-plans, what was timed).
+
+    ``ldcq.evaluation.policy.LDCQPolicy`` on a CPU (it takes numpy states); on an accelerator the
+    same computation on device tensors, written out here.
+    """
+    if cfg.device == "cpu":
+        replan, step, source = _policy_calls(vae, prior, q, states, k, every)
+    else:
+        replan, step, source = _direct_calls(cfg, vae, prior, q, states, k)
+    replans, steps = [], []
+    with autocast(cfg):
+        for _ in range(1 + max(5, cfg.repeats)):
+            for fn, out in ((replan, replans), (step, steps)):
+                sync(cfg.device)
+                start = time.perf_counter()
+                fn()
+                sync(cfg.device)
+                out.append(time.perf_counter() - start)
+    return min(replans[1:]), min(steps[1:]), source
+
+
+def _policy_calls(
+    vae, prior, q, states: Tensor, k: int, every: int
+) -> tuple[Callable[[], None], Callable[[], None], str]:
+    """(a re-plan, an env step, their name) through ``LDCQPolicy.act`` on numpy states."""
+    policy = LDCQPolicy(vae, prior, q, selector="q", num_samples=k, replan_every=every)
+    s = states.numpy()
+
+    def replan() -> None:
+        policy.reset(len(s))
+        policy.act(s)
+
+    def step() -> None:
+        # Right after a re-plan, so no env is due: the decoder only (every > 1).
+        policy.act(s)
+
+    return replan, step, "LDCQPolicy.act"
+
+
+def _direct_calls(
+    cfg: BenchConfig, vae, prior, q, states: Tensor, k: int
+) -> tuple[Callable[[], None], Callable[[], None], str]:
+    """(a re-plan, an env step, their name): the policy's computation on ``cfg.device`` tensors."""
+    states = states.to(cfg.device)
+    z = torch.zeros(len(states), prior.hparams.latent_dim, device=cfg.device)
+
+    @torch.no_grad()
+    def replan() -> None:
+        latents = prior.sample(states, k)
+        best = q.score(states, latents).argmax(dim=1)
+        z.copy_(latents[torch.arange(len(states)), best])
+        vae.act(states, z)
+
+    @torch.no_grad()
+    def step() -> None:
+        vae.act(states, z)
+
+    return replan, step, "direct (prior.sample, LatentBCQ.score, SkillVAE.act)"

@@ -1,0 +1,127 @@
+"""The evaluation stage's parts: the policy built from the three trained artifacts, rolled out
+in the simulator under the dataset's protocol, its rollouts file and its pictures.
+
+Runs on global rank 0 only (the stage registry says so); the pipeline writes the artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldcq.artifacts import ArtifactParts, load_modules
+from ldcq.data.datamodules import load_episodes
+from ldcq.evaluation import plots
+from ldcq.evaluation.policy import LDCQPolicy
+from ldcq.evaluation.rollout import evaluate, evaluation_protocol
+
+TRAINED_INPUTS = ("skill_vae", "diffusion_prior", "latent_bcq")
+
+
+def make_evaluation(ctx, work: Path) -> ArtifactParts:
+    """Roll the policy out over ``evaluation.episodes`` episodes; its parts, pictures included
+    when ``evaluation.pictures`` is true."""
+    cfg = ctx.stage_cfg("evaluation")
+    modules = {s: load_modules(ctx.artifact(s))[s] for s in TRAINED_INPUTS}
+    policy = build_policy(modules, cfg)
+    episodes = load_episodes(ctx.cfg.dataset, list(ctx.cfg.obs_keys))
+    stored_ref = (episodes.ref_min_score, episodes.ref_max_score)
+    protocol = evaluation_protocol(ctx.cfg.dataset, cfg["goal"], stored_ref)
+    start = time.perf_counter()
+    metrics, trajectories = evaluate(
+        policy,
+        protocol.make_env,
+        obs_keys=list(ctx.cfg.obs_keys),
+        episodes=cfg["episodes"],
+        num_envs=cfg["num_envs"],
+        seed=cfg["seed"],
+        ref_scores=protocol.ref_scores,
+        asynchronous=cfg["asynchronous"],
+    )
+    metrics["eval/seconds"] = time.perf_counter() - start
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        work / "rollouts.npz",
+        positions=trajectories.positions,
+        success=trajectories.success,
+        returns=trajectories.returns,
+        lengths=trajectories.lengths,
+    )
+    extra = {"rollouts.npz": work / "rollouts.npz"}
+    if cfg["pictures"]:
+        pictures = _pictures(ctx, work, trajectories, modules, policy, protocol, episodes)
+        extra.update(pictures)
+    spec = {
+        "dims": dict(ctx.artifact("skill_vae").spec["dims"]),
+        "family": protocol.family,
+        "protocol": protocol.description,
+        "ref_scores": list(protocol.ref_scores),
+    }
+    return ArtifactParts(spec=spec, metrics=metrics, extra_files=extra, logged=None)
+
+
+def build_policy(modules: dict[str, Any], cfg: dict[str, Any]) -> LDCQPolicy:
+    """The policy of the ``evaluation`` section over the frozen trained modules."""
+    return LDCQPolicy(
+        modules["skill_vae"],
+        modules["diffusion_prior"],
+        modules["latent_bcq"],
+        selector=cfg["selector"],
+        num_samples=cfg["num_samples"],
+        replan_every=cfg["replan_every"],
+        deterministic=cfg["deterministic"],
+        sampler=cfg["sampler"],
+        sampling_steps=cfg["sampling_steps"],
+        extra_steps=cfg["extra_steps"],
+        seed=cfg["seed"],
+    )
+
+
+def _pictures(ctx, out_dir, trajectories, modules, policy, protocol, episodes) -> dict[str, Path]:
+    """Pictures of the evaluation, written to ``out_dir``; name -> file."""
+    seed = ctx.stage_cfg("evaluation")["seed"]
+    env = protocol.make_env()
+    try:
+        maze = plots.MazeLayout.from_env(env, seed=seed)
+    finally:
+        env.close()
+    files = plots.make_pictures(
+        out_dir,
+        traj=trajectories,
+        maze=maze,
+        vae=modules["skill_vae"],
+        prior=modules["diffusion_prior"],
+        q=modules["latent_bcq"],
+        episodes=episodes,
+        policy=policy,
+        make_env=protocol.make_env,
+        tracking_uri=ctx.tracker.uri if ctx.tracker is not None else None,
+        run_ids=training_runs(ctx) or None,
+        obs_keys=list(ctx.cfg.obs_keys),
+    )
+    return {path.name: path for path in files.values()}
+
+
+def training_runs(ctx) -> dict[str, str]:
+    """MLflow run id of each trained stage's artifact, in pipeline order: the latest finished run
+    with its stage and fingerprint, whichever invocation trained it."""
+    if ctx.tracker is None:
+        return {}
+    run_ids = {}
+    for stage in TRAINED_INPUTS:
+        fp = ctx.artifact(stage).fingerprint
+        runs = ctx.tracker.client.search_runs(
+            [ctx.tracker.experiment_id],
+            filter_string=(
+                f"tags.stage = '{stage}' and tags.fingerprint = '{fp}' "
+                f"and attributes.status = 'FINISHED'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs:
+            run_ids[stage] = runs[0].info.run_id
+    return run_ids

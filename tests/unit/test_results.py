@@ -79,3 +79,31 @@ def test_the_config_hash_leaves_out_the_seed_only():
     assert config_hash(pipeline, "quick", "q", ["seed=5"]) == base
     assert config_hash(pipeline, "quick", "vae-prior", []) != base
     assert config_hash(pipeline, "quick", "q", ["skill_vae.model.beta=0.1"]) != base
+
+
+def test_pictures_of_seed_0_come_from_the_recorded_artifacts(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "PICTURED", {"maze-cpu": (("q", "q_map.png"),)})
+    path = tmp_path / "results" / "maze-cpu.json"
+    meta = {"pipeline": "maze", "scale": "cpu"}
+    for seed in (0, 1):
+        artifact = tmp_path / f"evaluation-{seed}"
+        artifact.mkdir()
+        (artifact / "q_map.png").write_bytes(b"png of seed %d" % seed)
+        record(path, meta, {**_run(seed, "q", 50.0), "artifact": str(artifact)})
+    # An option tried on seed 0 alone is not what the README shows.
+    option = tmp_path / "evaluation-option"
+    option.mkdir()
+    (option / "q_map.png").write_bytes(b"the option")
+    record(path, meta, {**_run(0, "q", 70.0, config="option"), "artifact": str(option)})
+
+    img = tmp_path / "docs" / "img"
+    copied = results.copy_pictures([path], img)
+    assert [p.name for p in copied] == ["maze-cpu-q-seed0-q_map.png"]
+    assert copied[0].read_bytes() == b"png of seed 0"
+    text = results.pictures([path], img, tmp_path)
+    assert "![LDCQ: q_map](docs/img/maze-cpu-q-seed0-q_map.png)" in text
+    # A clone without the artifacts keeps the committed pictures and still renders them.
+    for artifact in tmp_path.glob("evaluation-*"):
+        (artifact / "q_map.png").unlink()
+    assert results.copy_pictures([path], img) == []
+    assert results.pictures([path], img, tmp_path) == text

@@ -4,21 +4,36 @@
 one record per run. This renders one row per task, method and config (mean ± std over the seeds
 recorded) between the README's ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers;
 ``--check`` only says whether the README is up to date. No figure in that table is typed by hand.
+
+For the results files in :data:`PICTURED` it also copies the pictures of seed 0's evaluations
+(LDCQ's rollouts and Q map, BC's rollouts) from their artifacts, when they are on this machine,
+into ``docs/img/`` and shows them under the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ldcq.bench.score import METHODS as METHOD_NAMES
 from ldcq.bench.score import own_stage_s
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# results file stem -> the pictures shown under the table: (selector, file in the evaluation).
+PICTURED = {
+    "pointmaze-large-cpu": (
+        ("q", "rollouts.png"),
+        ("q", "q_map.png"),
+        ("vae-prior", "rollouts.png"),
+    )
+}
+PICTURE_SEED = 0
 COLUMNS = (
     ("normalized return", "eval/normalized_score", 1, 1.0),
     ("first-hit normalized", "eval/first_hit_normalized", 1, 1.0),
@@ -86,6 +101,57 @@ def table(files: Sequence[Path]) -> str:
     return "\n".join(lines + notes)
 
 
+def _picture_runs(data: dict) -> dict[str, dict]:
+    """Seed 0's run per selector, in the config most seeds of that selector ran (the default;
+    an option tried on one seed is not pictured)."""
+    chosen = {}
+    for selector in dict.fromkeys(r["selector"] for r in data["runs"]):
+        mine = [r for r in data["runs"] if r["selector"] == selector]
+        hashes = [r["config_hash"] for r in mine]
+        common = max(dict.fromkeys(hashes), key=hashes.count)
+        seed0 = [r for r in mine if r["config_hash"] == common and r["seed"] == PICTURE_SEED]
+        if seed0:
+            chosen[selector] = seed0[0]
+    return chosen
+
+
+def picture_name(stem: str, selector: str, file: str) -> str:
+    return f"{stem}-{selector}-seed{PICTURE_SEED}-{file}"
+
+
+def copy_pictures(files: Sequence[Path], img_dir: Path) -> list[Path]:
+    """Copy the pictured evaluations' PNGs whose artifacts are here into ``img_dir``."""
+    copied = []
+    for path in files:
+        runs = _picture_runs(json.loads(path.read_text())) if path.stem in PICTURED else {}
+        for selector, file in PICTURED.get(path.stem, ()):
+            source = Path(runs[selector]["artifact"]) / file if selector in runs else None
+            if source is not None and source.is_file():
+                img_dir.mkdir(parents=True, exist_ok=True)
+                target = img_dir / picture_name(path.stem, selector, file)
+                shutil.copyfile(source, target)
+                copied.append(target)
+    return copied
+
+
+def pictures(files: Sequence[Path], img_dir: Path, readme_dir: Path) -> str:
+    """Markdown for the pictures of :data:`PICTURED` files that are in ``img_dir``."""
+    lines = []
+    for path in files:
+        shown = [
+            (selector, file, img_dir / picture_name(path.stem, selector, file))
+            for selector, file in PICTURED.get(path.stem, ())
+        ]
+        shown = [(s, f, p) for s, f, p in shown if p.is_file()]
+        if not shown:
+            continue
+        lines += ["", f"{path.stem}, seed {PICTURE_SEED}:", ""]
+        for selector, file, picture in shown:
+            label = f"{METHOD_NAMES.get(selector, selector)}: {file.removesuffix('.png')}"
+            lines.append(f"![{label}]({picture.relative_to(readme_dir).as_posix()})")
+    return "\n".join(lines)
+
+
 def render(readme: str, block: str) -> str:
     """``readme`` with the text between the markers replaced by ``block``."""
     if BEGIN not in readme or END not in readme:
@@ -103,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     readme = Path(args.readme)
     files = sorted(Path(args.results_dir).glob("*.json"))
-    text = render(readme.read_text(), table(files))
+    img_dir = readme.parent / "docs" / "img"
+    if not args.check:
+        copy_pictures(files, img_dir)
+    block = table(files) + pictures(files, img_dir, readme.parent)
+    text = render(readme.read_text(), block)
     if args.check:
         if text != readme.read_text():
             print(f"{readme}: the results table is stale; run `make results`", file=sys.stderr)

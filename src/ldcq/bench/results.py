@@ -145,7 +145,7 @@ def pictures(files: Sequence[Path], img_dir: Path, readme_dir: Path) -> str:
         shown = [(s, f, p) for s, f, p in shown if p.is_file()]
         if not shown:
             continue
-        lines += ["", f"{path.stem}, seed {PICTURE_SEED}:", ""]
+        lines += ["", "", f"{path.stem}, seed {PICTURE_SEED}:", ""]
         for selector, file, picture in shown:
             label = f"{METHOD_NAMES.get(selector, selector)}: {file.removesuffix('.png')}"
             lines.append(f"![{label}]({picture.relative_to(readme_dir).as_posix()})")

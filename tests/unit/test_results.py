@@ -24,6 +24,7 @@ def _run(seed, selector, score, config="abc123", stage_s=None):
             "eval/normalized_score": score,
             "eval/first_hit_normalized": score + 50,
             "eval/success_rate": 0.5,
+            "eval/return_mean": score / 2,
         },
     }
 
@@ -107,3 +108,40 @@ def test_pictures_of_seed_0_come_from_the_recorded_artifacts(tmp_path, monkeypat
         (artifact / "q_map.png").unlink()
     assert results.copy_pictures([path], img) == []
     assert results.pictures([path], img, tmp_path) == text
+
+
+def test_bench_score_skips_a_seed_recorded_for_this_config(tmp_path, monkeypatch):
+    # A session that finished seed 0 leaves its records; SEEDS=2 in the next trains seed 1 only.
+    from ldcq.bench import score
+
+    pipeline = REPO / "pipelines" / "pointmaze-umaze.yaml"
+    hashes = {s: score.config_hash(pipeline, "quick", s, []) for s in ("q", "vae-prior")}
+    path = tmp_path / "pointmaze-umaze-quick.json"
+    meta = {"pipeline": "pointmaze-umaze", "scale": "quick"}
+    for selector, chash in hashes.items():
+        run = {**_run(0, selector, 10.0, config=chash), "git_sha": "abc1234", "command_s": 1.0}
+        record(path, meta, run)
+    # Seed 1 holds only one of the two methods: it is run again, whole.
+    record(path, meta, {**_run(1, "q", 5.0, config=hashes["q"]), "git_sha": "a", "command_s": 1.0})
+    ran = []
+
+    def fake_run(pipeline, scale, seed, selector, overrides, stages):
+        ran.append((seed, selector))
+        run = _run(seed, selector, 20.0, config=hashes[selector])
+        return {**run, "git_sha": "def5678", "command_s": 2.0}
+
+    monkeypatch.setattr(score, "run_once", fake_run)
+    monkeypatch.setattr(score, "ensure_dataset", lambda dataset: None)
+    monkeypatch.setattr(score, "require_evaluation", lambda: ("skill_vae", "evaluation"))
+    argv = ["--pipeline", str(pipeline), "--seeds", "2", "--selectors", "q,vae-prior"]
+    assert score.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    assert ran == [(1, "q"), (1, "vae-prior")]
+    # --rerun trains the recorded seed too.
+    ran.clear()
+    assert score.main([*argv, "--out-dir", str(tmp_path), "--rerun"]) == 0
+    assert ran == [(0, "q"), (0, "vae-prior"), (1, "q"), (1, "vae-prior")]
+    # Another config (an override) has no records: every seed runs.
+    ran.clear()
+    hashes = {s: score.config_hash(pipeline, "quick", s, ["horizon=20"]) for s in hashes}
+    assert score.main([*argv, "--out-dir", str(tmp_path), "horizon=20"]) == 0
+    assert len(ran) == 4

@@ -14,6 +14,9 @@ itself, its evaluation, not for the trained stages it shares with LDCQ.
 Every run is recorded, as soon as it ends, in ``results/<pipeline>-<scale>.json`` (per run: seed,
 method, metrics, config hash, stage fingerprints, git sha, the exact command, wall times, the
 evaluation protocol); a run of the same seed, method and config replaces its earlier record.
+A seed whose every method is already recorded under the same config is not run again (its records
+join the summary), so ``SEEDS=3`` after a session that finished seed 0 trains seeds 1 and 2 only;
+``--rerun`` trains and evaluates it again.
 ``make results`` renders the README's results table from those files (:mod:`ldcq.bench.results`).
 """
 
@@ -176,6 +179,25 @@ def record(path: Path, meta: dict[str, Any], run: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps({**data, **meta, "runs": runs}, indent=2) + "\n")
 
 
+def recorded(path: Path, seed: int, hashes: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The records of ``seed`` in the results file at ``path`` if every method in ``hashes``
+    (selector → config hash) has one under that config, else None."""
+    if not path.is_file():
+        return None
+    runs = json.loads(path.read_text())["runs"]
+    found = []
+    for selector, chash in hashes.items():
+        mine = [
+            r
+            for r in runs
+            if (r["seed"], r["selector"], r["config_hash"]) == (seed, selector, chash)
+        ]
+        if not mine:
+            return None
+        found.append(mine[0])
+    return found
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=float)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
@@ -262,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation.selector values, comma-separated",
     )
     p.add_argument("--out-dir", default="results", help="where <pipeline>-<scale>.json goes")
+    p.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train and evaluate a seed again even when the results file holds it for this config",
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     return p
 
@@ -283,7 +310,18 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"pipeline": cfg.name, "pipeline_file": str(pipeline), "scale": args.scale}
         meta["bench_command"] = " ".join(["python -m ldcq.bench.score", *(argv or sys.argv[1:])])
         runs = []
+        hashes = {s: config_hash(pipeline, args.scale, s, args.overrides) for s in selectors}
         for seed in range(args.seeds):
+            done = None if args.rerun else recorded(path, seed, hashes)
+            if done is not None:
+                shas = sorted({r["git_sha"][:7] for r in done})
+                print(
+                    f"bench-score: seed {seed} is recorded in {path} for this config (git "
+                    f"{', '.join(shas)}); skipped (--rerun trains it again)",
+                    flush=True,
+                )
+                runs.extend(done)
+                continue
             for selector in selectors:
                 runs.append(run_once(pipeline, args.scale, seed, selector, args.overrides, stages))
                 record(path, meta, runs[-1])

@@ -1,4 +1,5 @@
-"""One pipeline run at a time per checkpoints folder: an advisory ``flock`` on ``<folder>/.lock``.
+"""One pipeline run at a time per checkpoints folder: an advisory ``flock`` on ``<folder>/.lock``;
+or, for the runs of a sweep that share a folder, one maker per artifact (:class:`ArtifactLock`).
 
 The kernel drops a ``flock`` when its holder exits, however it exits (SIGKILL and power loss of a
 client included), so a lock file left behind by a dead run never blocks the next one; the file is
@@ -114,3 +115,37 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ArtifactLock:
+    """Exclusive, *blocking* lock of one artifact being made, for runs that share a checkpoints
+    folder (the parallel tasks of a sweep): a run that wants an artifact another run is making
+    waits for it, then finds it finished. A context manager; ``<work>.lock`` beside the work folder.
+    """
+
+    def __init__(self, work: str | Path) -> None:
+        work = Path(work)
+        self.path = work.parent / f"{work.name}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> ArtifactLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            warnings.warn(
+                f"cannot lock {self.path} ({exc}); runs sharing this checkpoints folder may make "
+                f"the same artifact twice",
+                stacklevel=2,
+            )
+            return self
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_pipeline import tiny_overrides
 
-from ldcq import sweep as sweep_mod
 from ldcq.cli import main
+from ldcq.sweep import grid as sweep_grid
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "pipelines" / "pointmaze-umaze.yaml"
@@ -70,8 +70,8 @@ def test_a_bad_grid_is_one_clear_error_before_anything_trains(tmp_path, capsys, 
 
 
 def test_grid_values_split_outside_brackets():
-    assert sweep_mod.split_values("[128,32],[256, 64]") == ["[128,32]", "[256, 64]"]
-    assert sweep_mod.parse_grid(["horizon=10,20", "a.b=x"]) == {
+    assert sweep_grid.split_values("[128,32],[256, 64]") == ["[128,32]", "[256, 64]"]
+    assert sweep_grid.parse_grid(["horizon=10,20", "a.b=x"]) == {
         "horizon": ["10", "20"],
         "a.b": ["x"],
     }

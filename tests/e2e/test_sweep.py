@@ -69,6 +69,19 @@ def test_a_bad_grid_is_one_clear_error_before_anything_trains(tmp_path, capsys, 
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_grid_values_parse_as_overrides_do(tmp_path):
+    typed = sweep_grid.check_grid(
+        PIPELINE,
+        "quick",
+        {"skill_vae.model.beta": ["1e-2", "1"], "diffusion_prior.model.hidden_dims": ["[16,8]"]},
+        [],
+    )
+    assert typed == {
+        "skill_vae.model.beta": [0.01, 1.0],
+        "diffusion_prior.model.hidden_dims": [[16, 8]],
+    }
+
+
 def test_grid_values_split_outside_brackets():
     assert sweep_grid.split_values("[128,32],[256, 64]") == ["[128,32]", "[256, 64]"]
     assert sweep_grid.parse_grid(["horizon=10,20", "a.b=x"]) == {

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 
 from ldcq.config import _closest, compose, project_root
@@ -91,6 +90,12 @@ def _check_type(key: str, text: str, value: Any, default: Any) -> Any:
     return value
 
 
+def parse_value(text: str) -> Any:
+    """A value as an override ``key=<text>`` would give it (OmegaConf's YAML: ``1e-4`` is a
+    number, ``[128,32]`` a list, ``null`` None)."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+
+
 def _raw_defaults(pipeline: Path):
     """The family defaults as written (interpolations unresolved)."""
     return OmegaConf.load(project_root(pipeline) / "configs" / "family" / "ldcq.yaml")
@@ -107,9 +112,8 @@ def check_grid(
     dims = {f"{name}.model.{dim}": name for name in TRAINED for dim in REGISTRY[name].data_dims}
     typed: dict[str, list[Any]] = {}
     for key, texts in grid.items():
-        top = key.split(".", 1)[0]
-        if key in FIXED or (top in FIXED and "." not in key):
-            raise ConfigError(f"--grid {key}: cannot be swept ({FIXED[top]})")
+        if key in FIXED:
+            raise ConfigError(f"--grid {key}: cannot be swept ({FIXED[key]})")
         if key in dims:
             raise ConfigError(
                 f"--grid {key}: cannot be swept; {dims[key]} reads it from the dataset or the "
@@ -128,11 +132,7 @@ def check_grid(
             )
         if OmegaConf.is_config(default):
             default = OmegaConf.to_container(default, resolve=True)
-        values = []
-        for text in texts:
-            value = yaml.safe_load(text)
-            values.append(_check_type(key, text, value, default))
-        typed[key] = values
+        typed[key] = [_check_type(key, text, parse_value(text), default) for text in texts]
     for point in grid_points(typed):
         point_overrides = [*overrides, *point_to_overrides(point)]
         try:

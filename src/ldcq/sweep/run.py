@@ -112,17 +112,16 @@ class Sweep:
             "git_sha": git_sha(),
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
             "summary": summary,
+            "plots": [],
             "runs": runs,
         }
-        self.results.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.results, json.dumps(data, indent=2) + "\n")
-        plots = []
         if summary["rows"]:
             for key in keys:
                 path = self.out_dir / f"{self.name}-{key.replace('.', '_')}.png"
                 title = f"{self.cfg.name} ({self.scale}): {key}, mean ± std over seeds"
-                plots.append(plot_key(summary, key, keys, path, title))
-        data["plots"] = [str(p) for p in plots]
+                data["plots"].append(str(plot_key(summary, key, keys, path, title)))
+        self.results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.results, json.dumps(data, indent=2) + "\n")
         return data
 
 
@@ -141,9 +140,7 @@ def _sweep_run(sweep: Sweep) -> tuple[Any, str] | None:
         max_results=1,
     )
     if found:
-        run_id = found[0].info.run_id
-        tracker.client.update_run(run_id, status="RUNNING")
-        tracker._open_runs.append(run_id)
+        run_id = tracker.reopen_run(found[0].info.run_id)
     else:
         tags = {"ldcq.sweep": sweep.name, "ldcq.sweep_id": sweep.identity, "git_sha": git_sha()}
         run_id = tracker.start_run(f"sweep-{sweep.name}", tags)

@@ -122,7 +122,14 @@ def _sweep(args: argparse.Namespace) -> None:
     pipeline = Path(args.pipeline)
     scale = args.scale or "quick"
     grid = check_grid(pipeline, scale, parse_grid(args.grid), args.overrides)
-    selectors = tuple(s for s in args.selectors.split(",") if s)
+    from ldcq.sweep.compare import METHODS
+
+    selectors = tuple(dict.fromkeys(s for s in args.selectors.split(",") if s))
+    if "q" not in selectors or not set(selectors) <= set(METHODS):
+        raise ConfigError(
+            f"--selectors {args.selectors!r}: name q (LDCQ) and any of {list(METHODS)}, "
+            f"comma-separated (default q,vae-prior)"
+        )
     sweep = Sweep(
         pipeline,
         grid,

@@ -54,10 +54,13 @@ def _command_line() -> str:
 
 
 class RunLock:
-    """Exclusive, non-blocking lock of a checkpoints folder; a context manager."""
+    """Non-blocking lock of a checkpoints folder; a context manager. Exclusive by default;
+    ``shared=True`` for the concurrent runs of a sweep, which lock each artifact they make
+    instead (:class:`ArtifactLock`) and together keep an ordinary run out."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, shared: bool = False) -> None:
         self.path = (Path(folder) / LOCK_FILE).resolve()
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -68,7 +71,7 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 # A filesystem without flock (some network filesystems): run unprotected.
@@ -90,7 +93,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": _command_line(),
+            "command": _command_line() + (" (one of a sweep's runs)" if self.shared else ""),
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -105,7 +108,8 @@ class RunLock:
             return
         del _HELD[self.path]
         try:
-            os.ftruncate(fd, 0)
+            if not self.shared:  # other holders of a shared lock may still be running
+                os.ftruncate(fd, 0)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

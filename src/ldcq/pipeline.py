@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,16 +104,7 @@ class Context:
 def produce(ctx: Context, spec: StageSpec) -> tuple[Artifact, bool]:
     """The stage's artifact: read if finished, else made (trained, or by the stage's ``make``) in
     ``.work/<stage>-<fp>`` under its own MLflow run, written, logged, its work folder removed.
-    Returns it and whether it was finished before. In a shared folder (``ctx.shared``) one run
-    makes it while the others that want it wait."""
-    if ctx.shared and global_rank() == 0:
-        fp = ctx.stage_fingerprint(spec.name)
-        with ArtifactLock(ctx.root / ".work" / f"{spec.name}-{fp}"):
-            return _produce(ctx, spec)
-    return _produce(ctx, spec)
-
-
-def _produce(ctx: Context, spec: StageSpec) -> tuple[Artifact, bool]:
+    Returns it and whether it was finished before."""
     fp = ctx.stage_fingerprint(spec.name)
     final = ctx.root / f"{spec.name}-{fp}"
     if is_done(final):
@@ -226,7 +218,8 @@ def run_pipeline(
     root.mkdir(parents=True, exist_ok=True)
     # Under DDP every rank runs this function; only rank 0 locks, talks to MLflow and writes
     # artifacts. The lock keeps a second run off this checkpoints folder.
-    lock = RunLock(root).acquire() if global_rank() == 0 and not shared else None
+    # Shared runs (a sweep's tasks) hold it shared: they keep an ordinary run out, not each other.
+    lock = RunLock(root, shared=shared).acquire() if global_rank() == 0 else None
     tracker = Tracker(cfg.name, cfg.get("tracking_uri")) if track and global_rank() == 0 else None
     ctx = Context(cfg=cfg, root=root, tracker=tracker, parent_run=None, shared=shared)
     ctx.dataset = dataset_identity(episodes)
@@ -252,10 +245,33 @@ def run_pipeline(
     return ctx.results
 
 
+@contextmanager
+def _maker(ctx: Context, stage: str, fp: str):
+    """In a shared folder (``ctx.shared``), the right to make one artifact: rank 0 waits while
+    another run makes it, then every rank goes on together (and finds it finished, or makes it)."""
+    if not ctx.shared:
+        yield
+        return
+    lock = ArtifactLock(ctx.root / ".work" / f"{stage}-{fp}") if global_rank() == 0 else None
+    if lock is not None:
+        lock.__enter__()
+    try:
+        barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
 def _run_stage(ctx: Context, spec: StageSpec, train: bool) -> StageResult:
     """One stage of the loop: skipped, refused (``train`` False) or made, timed and tracked."""
+    fp = ctx.stage_fingerprint(spec.name)
+    with _maker(ctx, spec.name, fp):
+        return _run_stage_locked(ctx, spec, train, fp)
+
+
+def _run_stage_locked(ctx: Context, spec: StageSpec, train: bool, fp: str) -> StageResult:
     stage, start = spec.name, time.perf_counter()
-    fp = ctx.stage_fingerprint(stage)
     done_before = is_done(ctx.root / f"{stage}-{fp}")
     if not done_before and not train and stage != "evaluation":
         raise ConfigError(

@@ -21,6 +21,7 @@ from ldcq.sweep import grid as sweep_grid
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "pipelines" / "pointmaze-umaze.yaml"
+SCHEDULE = "pointmaze-umaze-quick-diffusion_prior.model.schedule"
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def _args(tmp_path, *grid, seeds=1, extra=()):
         ("diffusion_prior.model.latent_dim=4,8", "reads it from the dataset or the skill VAE"),
         ("skill_vae.model.horizon=4,8", "it follows horizon (${horizon}): sweep horizon instead"),
         ("seed=0,1", "cannot be swept (use --seeds)"),
+        ("evaluation.selector=q,prior", "use --selectors"),
         ("diffusion_prior.model.schedule=linear,cosin", "unknown schedule 'cosin'"),
         ("latent_bank.sampler=ddim,dpm", "latent_bank.sampler='dpm': valid samplers"),
         ("diffusion_prior.model.denoiser=mlp,resnet", "valid denoisers are"),
@@ -66,6 +68,13 @@ def test_a_bad_grid_is_one_clear_error_before_anything_trains(tmp_path, capsys, 
     assert main(_args(tmp_path, grid)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("error") == 1
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("selectors", ["vae-prior", "q,bc"])
+def test_selectors_must_include_ldcq_and_be_known(tmp_path, capsys, selectors):
+    assert main(_args(tmp_path, "horizon=4,5", extra=["--selectors", selectors])) == 2
+    assert "--selectors" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -102,14 +111,19 @@ def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
     args = _args(tmp_path, "diffusion_prior.model.schedule=linear,cosine")
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert "sweep pointmaze-umaze-quick-schedule" in out and "2 runs, 0 recorded before" in err
-    data = json.loads((tmp_path / "sweeps" / "pointmaze-umaze-quick-schedule.json").read_text())
+    err = " ".join(err.split())  # the console wraps long lines
+    assert (
+        "sweep pointmaze-umaze-quick-diffusion_prior.model.schedule" in out
+        and "2 runs, 0 recorded before" in err
+    )
+    data = json.loads((tmp_path / "sweeps" / f"{SCHEDULE}.json").read_text())
     runs = data["runs"]
+    # In the grid's order, which the table and the plot follow.
     assert [(r["point"]["diffusion_prior.model.schedule"], r["selector"]) for r in runs] == [
-        ("cosine", "q"),
-        ("cosine", "vae-prior"),
         ("linear", "q"),
         ("linear", "vae-prior"),
+        ("cosine", "q"),
+        ("cosine", "vae-prior"),
     ]
     # The schedule leaves the skill VAE alone: one VAE for both points; two priors.
     fps = {(r["fingerprints"]["skill_vae"], r["fingerprints"]["diffusion_prior"]) for r in runs}
@@ -121,7 +135,7 @@ def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
     summary = data["summary"]
     assert len(summary["rows"]) == 4 and summary["rows"][0]["seeds"] == [0]
     assert "diffusion_prior.model.schedule" in summary["effects"]
-    plot = tmp_path / "sweeps" / "pointmaze-umaze-quick-schedule-diffusion_prior_model_schedule.png"
+    plot = tmp_path / "sweeps" / f"{SCHEDULE}.png"
     assert plot.stat().st_size > 0
 
     # MLflow: one sweep run, every pipeline run nested under it, the comparison on it.
@@ -132,22 +146,22 @@ def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
     pipelines = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == sweep_id]
     assert len(pipelines) == 4  # two points × (LDCQ, BC)
     logged = {a.path for a in client.list_artifacts(sweep_id)}
-    assert {"pointmaze-umaze-quick-schedule.json", plot.name} <= logged
+    assert {f"{SCHEDULE}.json", plot.name} <= logged
 
     # The same command again runs nothing and reuses the sweep's MLflow run.
     assert main(args) == 0
-    assert "2 runs, 2 recorded before, 0 to run" in capsys.readouterr().err
+    assert "2 runs, 2 recorded before, 0 to run" in " ".join(capsys.readouterr().err.split())
     _, again = _runs(tmp_path)
     assert len(again) == len(all_runs)
     # One more seed trains only seed 1 (its runs nest under the same sweep run).
     args[args.index("--seeds") + 1] = "2"
     assert main(args) == 0
-    assert "4 runs, 2 recorded before, 2 to run" in capsys.readouterr().err
+    assert "4 runs, 2 recorded before, 2 to run" in " ".join(capsys.readouterr().err.split())
     _, more = _runs(tmp_path)
     assert len([r for r in more if r.data.tags.get("ldcq.sweep")]) == 1
     nested = [r for r in more if r.data.tags.get("mlflow.parentRunId") == sweep_id]
     assert len(nested) == 8
-    data = json.loads((tmp_path / "sweeps" / "pointmaze-umaze-quick-schedule.json").read_text())
+    data = json.loads((tmp_path / "sweeps" / f"{SCHEDULE}.json").read_text())
     assert {row["seeds"] == [0, 1] for row in data["summary"]["rows"]} == {True}
 
 
@@ -162,7 +176,12 @@ def test_a_killed_sweep_rerun_skips_its_finished_runs(tiny_maze, tmp_path):
         start_new_session=True,
     )
     runs_dir = (
-        tmp_path / "ckpt" / "pointmaze-umaze" / "sweeps" / "pointmaze-umaze-quick-beta" / "runs"
+        tmp_path
+        / "ckpt"
+        / "pointmaze-umaze"
+        / "sweeps"
+        / "pointmaze-umaze-quick-skill_vae.model.beta"
+        / "runs"
     )
     deadline = time.time() + 300
     while time.time() < deadline and not list(runs_dir.glob("*.json")):
@@ -175,7 +194,9 @@ def test_a_killed_sweep_rerun_skips_its_finished_runs(tiny_maze, tmp_path):
     before = first[0].read_text()
 
     assert main(args) == 0
-    data = json.loads((tmp_path / "sweeps" / "pointmaze-umaze-quick-beta.json").read_text())
+    data = json.loads(
+        (tmp_path / "sweeps" / "pointmaze-umaze-quick-skill_vae.model.beta.json").read_text()
+    )
     assert len(data["runs"]) == 4
     # The run finished before the kill was not run again.
     assert first[0].read_text() == before
@@ -193,13 +214,27 @@ def test_the_slurm_path_runs_as_a_job_array_through_the_local_executor(tiny_maze
         extra=["--launcher", "submitit-local", "--timeout-min", "20"],
     )
     assert main(args) == 0
-    data = json.loads((tmp_path / "sweeps" / "pointmaze-umaze-quick-denoiser.json").read_text())
+    data = json.loads(
+        (
+            tmp_path / "sweeps" / "pointmaze-umaze-quick-diffusion_prior.model.denoiser.json"
+        ).read_text()
+    )
     assert len(data["runs"]) == 4
     assert len({r["fingerprints"]["skill_vae"] for r in data["runs"]}) == 1
     root = tmp_path / "ckpt" / "pointmaze-umaze"
     assert len(list(root.glob("skill_vae-*"))) == 1
     assert (
-        len(list((root / "sweeps" / "pointmaze-umaze-quick-denoiser" / "submitit").glob("*"))) > 0
+        len(
+            list(
+                (
+                    root
+                    / "sweeps"
+                    / "pointmaze-umaze-quick-diffusion_prior.model.denoiser"
+                    / "submitit"
+                ).glob("*")
+            )
+        )
+        > 0
     )
     _, all_runs = _runs(tmp_path)
     sweep_id = next(r.info.run_id for r in all_runs if r.data.tags.get("ldcq.sweep"))

@@ -137,3 +137,18 @@ def test_skill_diagnostics_measure_both_priors_and_draw_them(dataset, vae, tmp_p
     assert "diag/junctions" not in alone.metrics and "mode coverage" in alone.notes[0]
     none_held = {**_data_cfg(dataset), "val_fraction": 0.0}
     assert diag.skill_diagnostics(vae, prior, none_held).metrics == {}
+
+
+def test_held_out_means_held_out_from_the_prior_too(dataset, vae):
+    prior = LatentDiffusionPrior(
+        state_dim=S, latent_dim=Z, hidden_dims=[8], time_embed_dim=8, state_embed_dim=8
+    ).eval()
+    kwargs = {"maze": None, "num_samples": 4, "seed": 0}
+    alone = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), **kwargs)
+    same = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), prior_split=(0.2, 0), **kwargs)
+    assert same.metrics == alone.metrics  # the default: one split for both stages
+    other = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), prior_split=(0.2, 7), **kwargs)
+    if other.metrics:  # the episodes both hold out: fewer of them
+        assert len(other.support["held-out data"]) < len(alone.support["held-out data"])
+    else:
+        assert "held out from both" in other.notes[0]

@@ -1,8 +1,9 @@
 """Skill diagnostics: does the diffusion prior keep its samples in the data's support, and does it
 cover more of the data's behaviour modes than the VAE's Gaussian prior? (``evaluation.diagnostics``)
 
-Three measures, on the episodes the skill VAE held out (its ``data.val_fraction`` split, which the
-prior's data shares), so none of them is read off training data:
+Three measures. The held-out windows are those of episodes held out from both the skill VAE and
+the prior (their ``data.val_fraction`` splits); the reference the samples are measured against is
+the training data's own, since support means the training data's support:
 
 - **Reconstruction**: the skill decoder's action error on held-out windows, each encoded to its
   posterior mean and decoded step by step on the window's own states (teacher-forced): the mean
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldcq.data.datamodules import TrajectorySnippetDataModule
+from ldcq.data.datamodules import SnippetDataset, TrajectorySnippetDataModule
+from ldcq.data.windows import make_windows, split_episodes
 
 DIRECTIONS = ("east", "north", "west", "south")
 _UNIT = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
@@ -220,6 +222,17 @@ def _prior_samples(vae, prior, states: Tensor, k: int, generator) -> dict[str, T
     }
 
 
+class _Sampling:
+    """The prior with the policy's sampler settings bound (None leaves the prior's own)."""
+
+    def __init__(self, prior, settings: dict[str, Any]) -> None:
+        self.prior = prior
+        self.settings = {k: v for k, v in settings.items() if v is not None}
+
+    def sample(self, states: Tensor, k: int, generator=None) -> Tensor:
+        return self.prior.sample(states, k, generator=generator, **self.settings)
+
+
 @torch.no_grad()
 def skill_diagnostics(
     vae,
@@ -233,21 +246,40 @@ def skill_diagnostics(
     neighbours: int = 64,
     per_cell: int = 16,
     share: float = 0.1,
+    prior_split: tuple[float, int] | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> DiagnosticsResult:
     """Every diagnostic of the module docstring for the trained ``vae`` and ``prior``; ``data_cfg``
-    is the skill VAE's ``data`` section (its windows and its held-out split)."""
+    is the skill VAE's ``data`` section (its windows and its held-out split). ``prior_split``:
+    the prior data's ``(val_fraction, seed)``, so that held-out means held out from both.
+    ``sampling``: the policy's ``sampler``, ``sampling_steps``, ``extra_steps`` (None: the
+    prior's own), so the samples measured are those the policy draws."""
     dm = TrajectorySnippetDataModule(**data_cfg)
     dm.setup()
     result = DiagnosticsResult(metrics={})
     if dm.val_set is None or not len(dm.val_set):
         result.notes.append("no held-out episodes (skill_vae.data.val_fraction is 0): skipped")
         return result
+    train, val = dm.train_set, dm.val_set
+    if prior_split is not None:  # held out from the prior as well
+        _, prior_val = split_episodes(dm.episodes.num_episodes, *prior_split)
+        both = np.intersect1d(dm.split()[1], prior_val)
+        if not len(both):
+            result.notes.append(
+                "no episode is held out from both the skill VAE and the prior (their "
+                "data.val_fraction or data.seed differ): skipped"
+            )
+            return result
+        windows = make_windows(
+            dm.episodes, dm.hparams.horizon, dm.hparams.stride, episode_subset=both
+        )
+        val = SnippetDataset(val.observations, val.actions, windows)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    train, val = dm.train_set, dm.val_set
     ref = train.__getitems__(rng.choice(len(train), min(reference, len(train)), replace=False))
     held = val.__getitems__(rng.choice(len(val), min(held_out, len(val)), replace=False))
     result.metrics.update(reconstruction(vae, held["states"], held["actions"]))
+    prior = _Sampling(prior, sampling or {})
     metrics, result.support, result.threshold = out_of_support(
         vae, prior, held, ref, num_samples, neighbours, generator
     )

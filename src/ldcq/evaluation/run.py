@@ -55,6 +55,7 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     extra = {"rollouts.npz": work / "rollouts.npz"}
     maze = _maze(protocol, cfg["seed"]) if cfg["pictures"] or cfg["diagnostics"] else None
     if cfg["diagnostics"]:
+        prior_data = ctx.stage_cfg("diffusion_prior")["data"]
         result = skill_diagnostics(
             modules["skill_vae"],
             modules["diffusion_prior"],
@@ -62,6 +63,8 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
             maze=maze,
             num_samples=cfg["num_samples"],
             seed=cfg["seed"],
+            prior_split=(prior_data["val_fraction"], prior_data["seed"]),
+            sampling={k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")},
         )
         metrics.update(result.metrics)
         for note in result.notes:

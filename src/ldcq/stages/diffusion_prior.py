@@ -40,6 +40,7 @@ class LatentDiffusionPrior(L.LightningModule):
         denoiser: ``film_unet`` (the reference FiLM residual MLP) or ``mlp`` (a plain 4-layer
             MLP over cat[x_t, t_emb, s_emb] as wide as makes its parameter count that of the
             FiLM UNet these widths describe).
+        mlp_width: the MLP's width; None chooses it as above (and records it).
         hidden_dims, time_embed_dim, state_embed_dim: the FiLM residual MLP's widths.
         num_steps: T. schedule: ``linear`` (official, β 1e-4→0.02) or ``cosine``.
         snr_gamma: γ of the Min-SNR-γ weighting.
@@ -54,6 +55,7 @@ class LatentDiffusionPrior(L.LightningModule):
         latent_dim: int = 0,
         hidden_dims: list[int] | None = None,
         denoiser: Literal["film_unet", "mlp"] = "film_unet",
+        mlp_width: int | None = None,
         time_embed_dim: int = 256,
         state_embed_dim: int = 256,
         num_steps: int = 100,
@@ -88,7 +90,9 @@ class LatentDiffusionPrior(L.LightningModule):
         self.hparams.hidden_dims = hidden_dims
         widths = (latent_dim, state_dim, hidden_dims, time_embed_dim, state_embed_dim)
         if denoiser == "mlp":
-            width = mlp_width_like(*widths, depth=MLP_DEPTH)
+            # Chosen once and kept in the hyperparameters: a saved MLP loads as it was trained.
+            width = mlp_width or mlp_width_like(*widths, depth=MLP_DEPTH)
+            self.hparams.mlp_width = width
             self.denoiser = MLPDenoiser(
                 latent_dim, state_dim, width, MLP_DEPTH, time_embed_dim, state_embed_dim
             )

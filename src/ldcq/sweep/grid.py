@@ -23,6 +23,8 @@ FIXED = {
     "scale": "use --scale",
     "checkpoints_dir": "the sweep's runs share one checkpoints folder",
     "tracking_uri": "the sweep's runs share one MLflow store",
+    "evaluation.selector": "every run evaluates LDCQ and its baselines: use --selectors",
+    "evaluation.diagnostics": "every sweep run computes the diagnostics",
 }
 
 

@@ -114,7 +114,18 @@ def launch(jobs: list[SweepJob], launcher: str, slurm: dict[str, Any], folder: P
     executor = submitit.AutoExecutor(folder=str(folder / "submitit"), cluster=cluster)
     params = {k: v for k, v in slurm.items() if v is not None}
     executor.update_parameters(name="ldcq-sweep", **params)
-    submitted = executor.map_array(run_job, jobs)
+    # The local executor starts every task at once: there the array's parallelism is kept by
+    # submitting it in chunks.
+    chunk = len(jobs)
+    if cluster == "local" and params.get("slurm_array_parallelism"):
+        chunk = params["slurm_array_parallelism"]
+    submitted = []
+    for start in range(0, len(jobs), chunk):
+        part = executor.map_array(run_job, jobs[start : start + chunk])
+        if start + chunk < len(jobs):
+            for handle in part:
+                handle.wait()
+        submitted.extend(part)
     say(
         f"sweep: {len(submitted)} runs submitted as {cluster} job array "
         f"{submitted[0].job_id.split('_')[0]}; logs in {folder / 'submitit'}"

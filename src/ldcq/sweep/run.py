@@ -36,8 +36,8 @@ class Sweep:
 
     def __post_init__(self) -> None:
         self.cfg = compose(self.pipeline, self.overrides, scale=self.scale)
-        keys = "-".join(k.rsplit(".", 1)[-1].replace("_", "-") for k in self.grid)
-        self.name = self.name or f"{self.cfg.name}-{self.scale}-{keys}"
+        # The full keys: diffusion_prior.model.lr and skill_vae.model.lr are two sweeps.
+        self.name = self.name or f"{self.cfg.name}-{self.scale}-{'+'.join(self.grid)}"
         self.identity = fingerprint(
             {
                 "pipeline": self.cfg.name,
@@ -85,27 +85,33 @@ class Sweep:
             found[path.stem] = json.loads(path.read_text())
         return {k: v for k, v in found.items() if {r["selector"] for r in v} >= set(self.selectors)}
 
-    def write(self) -> dict[str, Any]:
-        """The results file and one plot per swept key from every recorded run of this sweep:
-        runs of earlier commands under the same name (other seeds, other values) are kept."""
+    def write(self, current: set[str]) -> dict[str, Any]:
+        """The results file and one plot per swept key. The file keeps every run ever recorded
+        under this name (another command's seeds, values or overrides); the comparison counts
+        only the runs of this command's grid and config (job keys ``current``), in grid order."""
         recorded = self.recorded()
-        runs = [r for k in sorted(recorded) for r in recorded[k]]
-        runs.sort(key=lambda r: (json.dumps(r["point"]), r["seed"], r["selector"]))
         keys = list(self.grid)
-        runs = [r for r in runs if set(r["point"]) == set(keys)]
+
+        def order(run):
+            point = run["point"]
+            place = tuple(
+                self.grid[k].index(point[k]) if k in point and point[k] in self.grid[k] else -1
+                for k in keys
+            )
+            return (run["key"] not in current, place, json.dumps(point), run["seed"])
+
+        everything = sorted((r for k in recorded for r in recorded[k]), key=order)
+        compared = [r for r in everything if r["key"] in current]
         grid = {k: list(v) for k, v in self.grid.items()}
-        for run in runs:  # values an earlier command swept stay in the file's grid
-            for k, v in run["point"].items():
-                if v not in grid[k]:
-                    grid[k].append(v)
-        summary = summarize(runs, keys) if runs else {"rows": [], "effects": {}}
+        summary = summarize(compared, keys) if compared else {"rows": [], "effects": {}}
+        runs = everything
         data = {
             "name": self.name,
             "pipeline": self.cfg.name,
             "pipeline_file": str(self.pipeline),
             "scale": self.scale,
             "grid": grid,
-            "seeds": sorted({r["seed"] for r in runs}),
+            "seeds": sorted({r["seed"] for r in compared}),
             "overrides": self.overrides,
             "selectors": list(self.selectors),
             "command": self.command,
@@ -117,7 +123,8 @@ class Sweep:
         }
         if summary["rows"]:
             for key in keys:
-                path = self.out_dir / f"{self.name}-{key.replace('.', '_')}.png"
+                stem = self.name if len(keys) == 1 else f"{self.name}-{key}"
+                path = self.out_dir / f"{stem}.png"
                 title = f"{self.cfg.name} ({self.scale}): {key}, mean ± std over seeds"
                 data["plots"].append(str(plot_key(summary, key, keys, path, title)))
         self.results.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +195,9 @@ def run_sweep(
             try:
                 launch(pending, launcher, slurm or {}, sweep.work)
             finally:
-                data = sweep.write()
+                data = sweep.write({j.key for j in jobs})
         else:
-            data = sweep.write()
+            data = sweep.write({j.key for j in jobs})
     except BaseException:
         if tracker is not None:
             tracker.end_open_runs("FAILED")

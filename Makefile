@@ -10,6 +10,7 @@ DATASET ?= pointmaze-umaze
 ANTMAZE ?= large-diverse
 KITCHEN ?= mixed
 SEEDS ?= 3
+GRID ?=
 PIPELINE ?= pointmaze-umaze
 # SCALE=paper (reference sizes, for a GPU) or cpu (within ~2 h on a 2-core CPU); by default the
 # one that fits this machine.
@@ -77,13 +78,18 @@ train-kitchen: $(STAMP) ## D4RL/kitchen/<KITCHEN>-v2 via Minari (KITCHEN=mixed|p
 	$(BIN)/ldcq pipeline run pipelines/kitchen-mixed.yaml --scale $(scale) \
 		dataset=D4RL/kitchen/$(KITCHEN)-v2 name=kitchen-$(KITCHEN) $(ARGS)
 
-.PHONY: bench bench-score results
+.PHONY: bench bench-score sweep results
 
 bench: $(STAMP) ## stage speed, latency, memory, FLOP/s → bench/results/ (ARGS="--device cuda --precision bf16-mixed")
 	$(BIN)/python -m ldcq.bench.perf --scale $(or $(SCALE),paper) $(ARGS)
 
 bench-score: $(STAMP) ## LDCQ, prior and BC over SEEDS=3 of PIPELINE=pointmaze-umaze, SCALE=quick|cpu|paper → results/
 	$(BIN)/python -m ldcq.bench.score --pipeline pipelines/$(PIPELINE).yaml --seeds $(SEEDS) \
+		--scale $(or $(SCALE),quick) $(ARGS)
+
+sweep: $(STAMP) ## GRID="horizon=10,20,30 …" over SEEDS=3 of PIPELINE, SCALE=quick|cpu|paper → results/sweeps/
+	@test -n "$(GRID)" || { echo 'make sweep: set GRID, e.g. GRID="horizon=10,20,30"'; exit 2; }
+	$(BIN)/ldcq sweep pipelines/$(PIPELINE).yaml $(foreach g,$(GRID),--grid $(g)) --seeds $(SEEDS) \
 		--scale $(or $(SCALE),quick) $(ARGS)
 
 results: $(STAMP) ## regenerate the README's results table from results/*.json

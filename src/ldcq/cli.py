@@ -109,8 +109,52 @@ def _pipeline_config(args: argparse.Namespace) -> None:
     print(OmegaConf.to_yaml(cfg[args.stage] if args.stage else cfg).rstrip())
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ldcq.errors import ConfigError
+    from ldcq.sweep import LAUNCHERS, Sweep, check_grid, parse_grid, print_summary, run_sweep
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+    if args.launcher not in LAUNCHERS:
+        raise ConfigError(f"--launcher {args.launcher!r}: valid launchers are {list(LAUNCHERS)}")
+    pipeline = Path(args.pipeline)
+    scale = args.scale or "quick"
+    grid = check_grid(pipeline, scale, parse_grid(args.grid), args.overrides)
+    from ldcq.sweep.compare import METHODS
+
+    selectors = tuple(dict.fromkeys(s for s in args.selectors.split(",") if s))
+    if "q" not in selectors or not set(selectors) <= set(METHODS):
+        raise ConfigError(
+            f"--selectors {args.selectors!r}: name q (LDCQ) and any of {list(METHODS)}, "
+            f"comma-separated (default q,vae-prior)"
+        )
+    sweep = Sweep(
+        pipeline,
+        grid,
+        seeds=args.seeds,
+        scale=scale,
+        overrides=args.overrides,
+        name=args.name,
+        selectors=selectors,
+        out_dir=Path(args.out_dir),
+        track=not args.no_tracking,
+        command=" ".join(["ldcq", *sys.argv[1:]]) if sys.argv[1:2] == ["sweep"] else "",
+    )
+    slurm = {
+        "slurm_partition": args.slurm_partition,
+        "timeout_min": args.timeout_min,
+        "gpus_per_node": args.gpus_per_node,
+        "cpus_per_task": args.cpus_per_task,
+        "mem_gb": args.mem_gb,
+        "slurm_array_parallelism": args.array_parallelism,
+    }
+    print_summary(run_sweep(sweep, args.launcher, slurm))
+
+
 # The top-level commands; any other first word names a trained stage (``ldcq <stage> fit …``).
-COMMANDS = ("data", "pipeline", "eval")
+COMMANDS = ("data", "pipeline", "eval", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +208,50 @@ def build_parser() -> argparse.ArgumentParser:
             )
         elif name == "config":
             cmd.add_argument("--stage", default=None, help="print only this stage's section")
+    _add_sweep_parser(commands)
     return parser
+
+
+def _add_sweep_parser(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="a grid of config values × seeds, LDCQ beside BC, compared (results/sweeps/)",
+        description="Each grid point and seed is one pipeline run (LDCQ, then the BC baseline "
+        "on the same stages); runs share the artifacts a point does not change; a rerun skips "
+        "recorded runs. Writes results/sweeps/<name>.json and a plot per swept key.",
+    )
+    sweep.add_argument("pipeline", help="e.g. pipelines/pointmaze-umaze.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides for every run (not swept)")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,…",
+        help="a swept key and its values (repeat for a cross product); lists in brackets: "
+        "diffusion_prior.model.hidden_dims=[128,32],[256,64]",
+    )
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 per point")
+    sweep.add_argument("--scale", default=None, help="quick (default) | cpu | paper")
+    sweep.add_argument("--name", default=None, help="default: <pipeline>-<scale>-<keys>")
+    sweep.add_argument(
+        "--selectors", default="q,vae-prior", help="evaluation.selector values per run"
+    )
+    sweep.add_argument("--out-dir", default="results/sweeps")
+    sweep.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    sweep.add_argument(
+        "--launcher",
+        default="inline",
+        help="inline (one after another here) | slurm (a job array via submitit) | "
+        "submitit-local (the same array as local processes)",
+    )
+    cluster = sweep.add_argument_group("slurm (and submitit-local) task resources")
+    cluster.add_argument("--slurm-partition", default=None)
+    cluster.add_argument("--timeout-min", type=int, default=None, help="per task")
+    cluster.add_argument("--gpus-per-node", type=int, default=None)
+    cluster.add_argument("--cpus-per-task", type=int, default=None)
+    cluster.add_argument("--mem-gb", type=int, default=None)
+    cluster.add_argument("--array-parallelism", type=int, default=None, help="tasks at once")
+    sweep.set_defaults(func=_sweep)
 
 
 def main(argv: list[str] | None = None) -> int:

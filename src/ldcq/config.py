@@ -21,6 +21,29 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from ldcq.errors import ConfigError
 from ldcq.tracking import flatten
 
+# Options added after artifacts and results were recorded, each with the value that keeps the
+# earlier behaviour. At that value an option is left out of stage fingerprints and config hashes
+# (:func:`without_neutral`), so what was trained or recorded before it existed keeps its identity:
+# its artifacts are still found, its results still average with new seeds. Any other value is
+# part of the identity as usual. Add an entry with every new config key.
+NEUTRAL = {
+    "diffusion_prior.model.denoiser": "film_unet",
+    "evaluation.diagnostics": False,
+}
+
+
+def without_neutral(tree: dict, prefix: str = "") -> dict:
+    """``tree`` (a plain config section whose keys sit under ``prefix``, e.g. ``"evaluation."``)
+    without the :data:`NEUTRAL` options that hold their neutral value."""
+    out = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out[key] = without_neutral(value, f"{full}.")
+        elif not (full in NEUTRAL and value == NEUTRAL[full]):
+            out[key] = value
+    return out
+
 
 def project_root(pipeline_path: Path) -> Path:
     """The folder holding ``configs/``: the pipeline file's parent's parent, else the cwd."""

@@ -1,4 +1,5 @@
-"""One pipeline run at a time per checkpoints folder: an advisory ``flock`` on ``<folder>/.lock``.
+"""One pipeline run at a time per checkpoints folder: an advisory ``flock`` on ``<folder>/.lock``;
+or, for the runs of a sweep that share a folder, one maker per artifact (:class:`ArtifactLock`).
 
 The kernel drops a ``flock`` when its holder exits, however it exits (SIGKILL and power loss of a
 client included), so a lock file left behind by a dead run never blocks the next one; the file is
@@ -53,10 +54,13 @@ def _command_line() -> str:
 
 
 class RunLock:
-    """Exclusive, non-blocking lock of a checkpoints folder; a context manager."""
+    """Non-blocking lock of a checkpoints folder; a context manager. Exclusive by default;
+    ``shared=True`` for the concurrent runs of a sweep, which lock each artifact they make
+    instead (:class:`ArtifactLock`) and together keep an ordinary run out."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, shared: bool = False) -> None:
         self.path = (Path(folder) / LOCK_FILE).resolve()
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -67,7 +71,7 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 # A filesystem without flock (some network filesystems): run unprotected.
@@ -89,7 +93,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": _command_line(),
+            "command": _command_line() + (" (one of a sweep's runs)" if self.shared else ""),
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -104,7 +108,8 @@ class RunLock:
             return
         del _HELD[self.path]
         try:
-            os.ftruncate(fd, 0)
+            if not self.shared:  # other holders of a shared lock may still be running
+                os.ftruncate(fd, 0)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
@@ -114,3 +119,37 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ArtifactLock:
+    """Exclusive, *blocking* lock of one artifact being made, for runs that share a checkpoints
+    folder (the parallel tasks of a sweep): a run that wants an artifact another run is making
+    waits for it, then finds it finished. A context manager; ``<work>.lock`` beside the work folder.
+    """
+
+    def __init__(self, work: str | Path) -> None:
+        work = Path(work)
+        self.path = work.parent / f"{work.name}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> ArtifactLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            warnings.warn(
+                f"cannot lock {self.path} ({exc}); runs sharing this checkpoints folder may make "
+                f"the same artifact twice",
+                stacklevel=2,
+            )
+            return self
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from ldcq.artifacts import (
     read_artifact,
     write_artifact,
 )
+from ldcq.config import without_neutral
 from ldcq.data.datamodules import load_episodes
 from ldcq.errors import ConfigError
-from ldcq.locking import RunLock
+from ldcq.locking import ArtifactLock, RunLock
 from ldcq.process import barrier, global_rank, say
 from ldcq.stages.clock import StageClock
 from ldcq.stages.fit import check_handoff, fit_stage
@@ -56,6 +58,7 @@ class Context:
     dataset: dict[str, Any] = field(default_factory=dict)
     results: dict[str, StageResult] = field(default_factory=dict)
     clock: StageClock | None = None  # the running stage's, across its attempts
+    shared: bool = False  # the folder is shared with concurrent runs: lock per artifact
 
     def stage_seconds(self) -> float | None:
         """Wall seconds the running stage has taken so far, earlier attempts included
@@ -83,7 +86,7 @@ class Context:
         return self.fingerprint(stage, list(self.upstream(stage).values()))
 
     def fingerprint(self, stage: str, upstream: Sequence[str]) -> str:
-        cfg = self.stage_cfg(stage)
+        cfg = without_neutral(self.stage_cfg(stage), f"{stage}.")
         trainer = {k: v for k, v in self.trainer_kwargs(stage).items() if k not in RUN_ONLY_KEYS}
         payload = {
             "stage": stage,
@@ -193,12 +196,17 @@ def run_pipeline(
     stages: Sequence[str] | None = None,
     track: bool = True,
     train: bool = True,
+    parent_run: str | None = None,
+    shared: bool = False,
 ) -> dict:
     """Run (or skip) the stages in order; returns ``{stage: StageResult}``.
 
     ``stages`` stops the run after the last of them; the stages before it are skipped when
     finished and run otherwise, unless ``train`` is False, which refuses to train any of them
-    (``ldcq eval``: evaluate what is there).
+    (``ldcq eval``: evaluate what is there). ``parent_run`` nests the pipeline's MLflow run
+    under that run (a sweep's). ``shared``: other runs use the checkpoints folder at the same
+    time (a sweep's parallel tasks); instead of locking the folder, each artifact is locked
+    while it is made, and a run that needs one being made waits for it.
     """
     wanted = list(stages or STAGES)
     unknown = [s for s in wanted if s not in STAGES]
@@ -210,14 +218,16 @@ def run_pipeline(
     root.mkdir(parents=True, exist_ok=True)
     # Under DDP every rank runs this function; only rank 0 locks, talks to MLflow and writes
     # artifacts. The lock keeps a second run off this checkpoints folder.
-    lock = RunLock(root).acquire() if global_rank() == 0 else None
+    # Shared runs (a sweep's tasks) hold it shared: they keep an ordinary run out, not each other.
+    lock = RunLock(root, shared=shared).acquire() if global_rank() == 0 else None
     tracker = Tracker(cfg.name, cfg.get("tracking_uri")) if track and global_rank() == 0 else None
-    ctx = Context(cfg=cfg, root=root, tracker=tracker, parent_run=None)
+    ctx = Context(cfg=cfg, root=root, tracker=tracker, parent_run=None, shared=shared)
     ctx.dataset = dataset_identity(episodes)
     if tracker is not None:
         ctx.parent_run = tracker.start_run(
             f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             {"git_sha": git_sha(), "dataset": ctx.dataset["id"], "scale": cfg.scale},
+            parent=parent_run,
         )
         tracker.log_params(ctx.parent_run, OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -235,10 +245,33 @@ def run_pipeline(
     return ctx.results
 
 
+@contextmanager
+def _maker(ctx: Context, stage: str, fp: str):
+    """In a shared folder (``ctx.shared``), the right to make one artifact: rank 0 waits while
+    another run makes it, then every rank goes on together (and finds it finished, or makes it)."""
+    if not ctx.shared:
+        yield
+        return
+    lock = ArtifactLock(ctx.root / ".work" / f"{stage}-{fp}") if global_rank() == 0 else None
+    if lock is not None:
+        lock.__enter__()
+    try:
+        barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
 def _run_stage(ctx: Context, spec: StageSpec, train: bool) -> StageResult:
     """One stage of the loop: skipped, refused (``train`` False) or made, timed and tracked."""
+    fp = ctx.stage_fingerprint(spec.name)
+    with _maker(ctx, spec.name, fp):
+        return _run_stage_locked(ctx, spec, train, fp)
+
+
+def _run_stage_locked(ctx: Context, spec: StageSpec, train: bool, fp: str) -> StageResult:
     stage, start = spec.name, time.perf_counter()
-    fp = ctx.stage_fingerprint(stage)
     done_before = is_done(ctx.root / f"{stage}-{fp}")
     if not done_before and not train and stage != "evaluation":
         raise ConfigError(

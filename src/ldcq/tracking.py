@@ -56,6 +56,12 @@ class Tracker:
         self._open_runs.append(run_id)
         return run_id
 
+    def reopen_run(self, run_id: str) -> str:
+        """Mark an ended run running again (a sweep resumed by the same command)."""
+        self.client.update_run(run_id, status="RUNNING")
+        self._open_runs.append(run_id)
+        return run_id
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -106,8 +106,16 @@ def test_pipeline_trains_then_skips_everything(tiny_maze, tmp_path):
     }
 
     # a changed hyperparameter retrains that stage and everything downstream, nothing upstream
-    changed = run_pipeline(compose(PIPELINE, [*overrides, "diffusion_prior.model.lr=0.002"]))
+    changed = run_pipeline(
+        compose(
+            PIPELINE, [*overrides, "diffusion_prior.model.lr=0.002", "evaluation.diagnostics=true"]
+        )
+    )
     assert [s for s, r in changed.items() if r.skipped] == ["skill_vae"]
+    # ... and its evaluation carries the skill diagnostics, as metrics and a picture.
+    diagnosed = changed["evaluation"].artifact
+    assert 0.0 <= diagnosed.metrics["diag/oos_rate_diffusion"] <= 1.0
+    assert (diagnosed.path / "diagnostics.png").stat().st_size > 0
 
     from mlflow.tracking import MlflowClient
 

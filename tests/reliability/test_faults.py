@@ -172,6 +172,51 @@ def test_a_second_run_on_the_same_checkpoints_folder_fails_at_once(minari_root, 
     assert (root / ".lock").read_text() == ""  # released at the end of the run
 
 
+def test_a_sweeps_runs_share_the_folder_and_keep_an_ordinary_run_out(tmp_path):
+    # A sweep's concurrent tasks lock the folder shared (and each artifact they make on its own).
+    root = tmp_path / "ckpt"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _HOLD.replace("RunLock(sys.argv[1])", "RunLock(sys.argv[1], True)"),
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockError, match="one of a sweep's runs"):
+            RunLock(root).acquire()
+        second = RunLock(root, shared=True).acquire()  # another task of the sweep
+        second.release()
+    finally:
+        kill(holder)
+
+
+def test_an_artifact_being_made_is_waited_for(tmp_path):
+    from ldcq.locking import ArtifactLock
+
+    work = tmp_path / ".work" / "skill_vae-abc"
+    code = (
+        "import sys, time; from ldcq.locking import ArtifactLock; "
+        "lock = ArtifactLock(sys.argv[1]).__enter__(); print('locked', flush=True); "
+        "time.sleep(1.5)"
+    )
+    maker = subprocess.Popen(
+        [sys.executable, "-c", code, str(work)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert maker.stdout.readline().strip() == "locked"
+        start = time.perf_counter()
+        with ArtifactLock(work):
+            waited = time.perf_counter() - start
+        assert waited > 0.5  # it blocked until the maker exited
+    finally:
+        kill(maker)
+
+
 def test_the_lock_is_released_after_a_failed_run(minari_root, tmp_path):
     tiny_dataset()
     root = pipeline_root(tmp_path)

@@ -50,3 +50,29 @@ def test_a_scales_section_naming_no_scale_is_refused(tmp_path):
     path = _pipeline(tmp_path, "scales:\n  cpuu:\n    seed: 1\n")
     with pytest.raises(ConfigError, match=r"scales\.cpuu names no configs/scale"):
         compose(path, scale="cpu")
+
+
+def test_a_neutral_option_at_its_neutral_value_leaves_identities_as_they_were():
+    # Options added after results were recorded: at their neutral value they are not part of a
+    # fingerprint or config hash, so earlier artifacts and results keep theirs.
+    from omegaconf import OmegaConf
+
+    from ldcq.artifacts import fingerprint
+    from ldcq.bench.score import config_hash
+    from ldcq.config import NEUTRAL, without_neutral
+
+    pipeline = REPO / "pipelines" / "pointmaze-umaze.yaml"
+    cfg = OmegaConf.to_container(compose(pipeline), resolve=True)
+    for key, value in NEUTRAL.items():
+        node = cfg
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        assert node[key.rsplit(".", 1)[-1]] == value  # the family default is the neutral value
+        del node[key.rsplit(".", 1)[-1]]
+    assert fingerprint(without_neutral(OmegaConf.to_container(compose(pipeline)))) == fingerprint(
+        cfg
+    )
+    base = config_hash(pipeline, "quick", "q", [])
+    assert config_hash(pipeline, "quick", "q", ["diffusion_prior.model.denoiser=film_unet"]) == base
+    assert config_hash(pipeline, "quick", "q", ["diffusion_prior.model.denoiser=mlp"]) != base
+    assert config_hash(pipeline, "quick", "q", ["evaluation.diagnostics=true"]) != base

@@ -166,6 +166,29 @@ def test_denoiser_cached_state_context_equals_uncached() -> None:
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
 
 
+def test_the_mlp_denoiser_matches_the_unets_size_and_caches_its_state_share() -> None:
+    from ldcq.models.denoiser import MLPDenoiser, count_parameters, mlp_width_like
+    from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+
+    width = mlp_width_like(Z, S, (128, 32, 16, 8), 256, 256)
+    mlp, unet = MLPDenoiser(Z, S, width), FiLMDenoiser(Z, S)
+    assert abs(count_parameters(mlp) / count_parameters(unet) - 1) < 0.01
+    n = 3
+    states, x = torch.randn(n, S), torch.randn(n, K, Z)
+    cached = mlp(x, torch.tensor(9.0), state_context=mlp.embed_state(states[:, None]))
+    uncached = mlp(
+        x.reshape(n * K, Z), torch.full((n * K,), 9.0), states.repeat_interleave(K, dim=0)
+    ).reshape(n, K, Z)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+    # As the prior's denoiser: it trains a step and samples through the same samplers.
+    prior = LatentDiffusionPrior(S, Z, hidden_dims=[16, 8], denoiser="mlp", sampling_steps=3)
+    assert isinstance(prior.denoiser, MLPDenoiser)
+    assert abs(prior.denoiser_parameters / count_parameters(FiLMDenoiser(Z, S, [16, 8])) - 1) < 0.05
+    loss = prior.loss(prior.denoiser, torch.randn(8, S), torch.randn(8, Z))
+    loss.backward()
+    assert prior.sample(torch.randn(2, S), 5).shape == (2, 5, Z)
+
+
 # --- Schedule, loss, samplers --------------------------------------------------------------------
 
 

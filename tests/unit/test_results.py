@@ -145,3 +145,55 @@ def test_bench_score_skips_a_seed_recorded_for_this_config(tmp_path, monkeypatch
     hashes = {s: score.config_hash(pipeline, "quick", s, ["horizon=20"]) for s in hashes}
     assert score.main([*argv, "--out-dir", str(tmp_path), "horizon=20"]) == 0
     assert len(ran) == 4
+
+
+def test_findings_are_rendered_from_the_sweep_files(tmp_path):
+    from ldcq.sweep.compare import summarize
+
+    def run(h, seed, selector, score):
+        metrics = {"eval/normalized_score": score, "eval/success_rate": 0.5}
+        metrics["eval/first_hit_normalized"] = score
+        if selector == "q":
+            metrics |= {"diag/oos_rate_diffusion": 0.02, "diag/oos_rate_vae_prior": 0.2}
+        return {"point": {"horizon": h}, "seed": seed, "selector": selector, "metrics": metrics}
+
+    # H=20 beats H=10 by 30 points with a seed std of 1: an effect beyond the seed noise.
+    runs = [
+        run(h, s, sel, base + s + (0 if sel == "q" else -40))
+        for h, base in ((10, 40.0), (20, 70.0))
+        for s in (0, 1, 2)
+        for sel in ("q", "vae-prior")
+    ]
+    summary = summarize(runs, ["horizon"])
+    plot = tmp_path / "results" / "sweeps" / "maze-quick-horizon-horizon.png"
+    plot.parent.mkdir(parents=True)
+    plot.write_bytes(b"png")
+    data = {
+        "name": "maze-quick-horizon",
+        "pipeline": "maze",
+        "scale": "quick",
+        "seeds": [0, 1, 2],
+        "grid": {"horizon": [10, 20]},
+        "command": "ldcq sweep p --grid horizon=10,20",
+        "git_sha": "abcdef123",
+        "summary": summary,
+        "plots": ["results/sweeps/" + plot.name],
+        "runs": runs,
+    }
+    path = plot.parent / "maze-quick-horizon.json"
+    path.write_text(json.dumps(data))
+    text = results.findings([path], tmp_path)
+    assert "| 10 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 2.0 ± 0.0 / 20.0 ± 0.0 | – / – |" in text
+    assert "best at 20 and worst at 10, +30.0 apart (seed std 1.0): larger than the seed" in text
+    assert "![maze-quick-horizon](results/sweeps/maze-quick-horizon-horizon.png)" in text
+    # Seeds that differ more than the values do: within the noise.
+    noisy = [
+        {**r, "metrics": {**r["metrics"], "eval/normalized_score": 50.0 + 30 * r["seed"]}}
+        for r in runs
+    ]
+    data["summary"] = summarize(noisy, ["horizon"])
+    path.write_text(json.dumps(data))
+    assert "within the seed-to-seed variation" in results.findings([path], tmp_path)
+    readme = f"a\n{results.FINDINGS_BEGIN}\nold\n{results.FINDINGS_END}\n"
+    rendered = results.render(readme, "new", results.FINDINGS_BEGIN, results.FINDINGS_END)
+    assert rendered == f"a\n{results.FINDINGS_BEGIN}\nnew\n{results.FINDINGS_END}\n"

@@ -5,6 +5,11 @@ one record per run. This renders one row per task, method and config (mean ± st
 recorded) between the README's ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers;
 ``--check`` only says whether the README is up to date. No figure in that table is typed by hand.
 
+It also renders the README's Findings (between ``<!-- findings:begin -->`` and
+``<!-- findings:end -->``) from the sweeps' files ``results/sweeps/<name>.json`` (written by
+``ldcq sweep``): per sweep, a table of each point's scores and diagnostics, the effect of each
+swept key set against the seed-to-seed spread, and the sweep's plots.
+
 For the results files in :data:`PICTURED` it also copies the pictures of seed 0's evaluations
 (LDCQ's rollouts and Q map, BC's rollouts) from their artifacts, when they are on this machine,
 into ``docs/img/`` and shows them under the table.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -25,6 +31,7 @@ from ldcq.bench.score import METHODS as METHOD_NAMES
 from ldcq.bench.score import own_stage_s
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+FINDINGS_BEGIN, FINDINGS_END = "<!-- findings:begin -->", "<!-- findings:end -->"
 # results file stem -> the pictures shown under the table: (selector, file in the evaluation).
 PICTURED = {
     "pointmaze-large-cpu": (
@@ -152,13 +159,92 @@ def pictures(files: Sequence[Path], img_dir: Path, readme_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def render(readme: str, block: str) -> str:
+def render(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
     """``readme`` with the text between the markers replaced by ``block``."""
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"README has no {BEGIN} … {END} block to fill")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+    if begin not in readme or end not in readme:
+        raise ValueError(f"README has no {begin} … {end} block to fill")
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
+
+
+def _stat(metrics: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
+    if key not in metrics:
+        return "–"
+    m = metrics[key]
+    spread = f" ± {scale * m['std']:.{digits}f}" if m["n"] > 1 else ""
+    return f"{scale * m['mean']:.{digits}f}{spread}"
+
+
+def findings(files: Sequence[Path], readme_dir: Path) -> str:
+    """The Findings block: one section per sweep file, or a line saying there are none."""
+    if not files:
+        return "No sweep is recorded yet (`make sweep`, see Sweeps and ablations)."
+    out = []
+    for path in files:
+        data = json.loads(path.read_text())
+        rows = data["summary"]["rows"]
+        keys = list(data["grid"])
+        seeds = ", ".join(str(s) for s in data["seeds"])
+        out.append(
+            f"**{data['name']}** ({data['pipeline']}, {data['scale']} scale, seeds {seeds}; "
+            f"`{data['command'] or 'ldcq sweep'}`, git {(data['git_sha'] or 'unknown')[:7]}):"
+        )
+        out.append("")
+        out.append(
+            "| " + " | ".join(keys) + " | LDCQ normalized | BC normalized | LDCQ success % | "
+            "out of support % (diffusion / VAE) | mode coverage (diffusion / VAE) |"
+        )
+        out.append("|" + "---|" * (len(keys) + 5))
+        points = []
+        for row in rows:
+            if row["point"] not in points:
+                points.append(row["point"])
+        for point in points:
+            by = {r["selector"]: r["metrics"] for r in rows if r["point"] == point}
+            q, bc = by.get("q", {}), by.get("vae-prior", {})
+            cells = [json.dumps(point[k]).strip('"') for k in keys]
+            cells += [
+                _stat(q, "eval/normalized_score"),
+                _stat(bc, "eval/normalized_score"),
+                _stat(q, "eval/success_rate", 100.0, 0),
+                f"{_stat(q, 'diag/oos_rate_diffusion', 100.0)} / "
+                f"{_stat(q, 'diag/oos_rate_vae_prior', 100.0)}",
+                f"{_stat(q, 'diag/mode_coverage_diffusion', 1.0, 2)} / "
+                f"{_stat(q, 'diag/mode_coverage_vae_prior', 1.0, 2)}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        for key, eff in data["summary"]["effects"].items():
+            for g in eff["groups"]:
+                where = ", ".join(f"{k}={v}" for k, v in g["others"].items())
+                noise = "n/a" if g["seed_std"] is None else f"{g['seed_std']:.1f}"
+                verdict = {
+                    True: "larger than the seed-to-seed variation",
+                    False: "within the seed-to-seed variation",
+                    None: "not compared with the seeds (one seed)",
+                }[g["beyond_seed_noise"]]
+                out.append(
+                    f"- `{key}`{f' ({where})' if where else ''}: {eff['method']}'s normalized "
+                    f"score is best at {g['best']} and worst at {g['worst']}, "
+                    f"{g['difference']:+.1f} apart (seed std {noise}): {verdict}."
+                )
+        for plot in data.get("plots", []):
+            picture = Path(plot)
+            if not picture.is_absolute():
+                picture = readme_dir / picture
+            if picture.is_file():  # plots are recorded relative to the project root
+                rel = Path(os.path.relpath(picture.resolve(), readme_dir.resolve())).as_posix()
+                out.append(f"\n![{data['name']}]({rel})")
+        out.append("")
+    out.append(
+        "Generated by `make results` from "
+        + ", ".join(f"`{p.as_posix()}`" for p in files)
+        + "; mean ± std over seeds. An effect is larger than the seed-to-seed variation when the "
+        "best and worst values' means differ in a two-sided pooled t-test at 5 %, Bonferroni-"
+        "corrected for the pairs of values (the std is over seeds, pooled over the values)."
+    )
+    return "\n".join(out).rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         copy_pictures(files, img_dir)
     block = table(files) + pictures(files, img_dir, readme.parent)
     text = render(readme.read_text(), block)
+    sweeps = sorted((Path(args.results_dir) / "sweeps").glob("*.json"))
+    if FINDINGS_BEGIN in text:
+        text = render(text, findings(sweeps, readme.parent), FINDINGS_BEGIN, FINDINGS_END)
     if args.check:
         if text != readme.read_text():
-            print(f"{readme}: the results table is stale; run `make results`", file=sys.stderr)
+            print(
+                f"{readme}: the results or findings are stale; run `make results`", file=sys.stderr
+            )
             return 1
         return 0
     readme.write_text(text)

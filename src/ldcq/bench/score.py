@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ldcq.artifacts import atomic_write_text, fingerprint, git_sha
-from ldcq.config import compose
+from ldcq.config import compose, without_neutral
 from ldcq.errors import ConfigError, LdcqError
 from ldcq.stages import registry
 from ldcq.tracking import resolve_uri
@@ -157,7 +157,7 @@ def config_hash(pipeline: Path, scale: str, selector: str, overrides: list[str])
     """Hash of the resolved config of a run apart from its seed: the runs of one method and config
     share it across seeds, so the results table averages them."""
     cfg = compose(pipeline, [f"evaluation.selector={selector}", *overrides, "seed=0"], scale=scale)
-    return fingerprint(OmegaConf.to_container(cfg, resolve=True))
+    return fingerprint(without_neutral(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def record(path: Path, meta: dict[str, Any], run: dict[str, Any]) -> None:

@@ -15,8 +15,10 @@ import numpy as np
 from ldcq.artifacts import ArtifactParts, load_modules
 from ldcq.data.datamodules import load_episodes
 from ldcq.evaluation import plots
+from ldcq.evaluation.diagnostics import plot_diagnostics, skill_diagnostics
 from ldcq.evaluation.policy import LDCQPolicy
 from ldcq.evaluation.rollout import evaluate, evaluation_protocol
+from ldcq.process import say
 
 TRAINED_INPUTS = ("skill_vae", "diffusion_prior", "latent_bcq")
 
@@ -51,9 +53,26 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
         lengths=trajectories.lengths,
     )
     extra = {"rollouts.npz": work / "rollouts.npz"}
+    maze = _maze(protocol, cfg["seed"]) if cfg["pictures"] or cfg["diagnostics"] else None
+    if cfg["diagnostics"]:
+        prior_data = ctx.stage_cfg("diffusion_prior")["data"]
+        result = skill_diagnostics(
+            modules["skill_vae"],
+            modules["diffusion_prior"],
+            ctx.stage_cfg("skill_vae")["data"],
+            maze=maze,
+            num_samples=cfg["num_samples"],
+            seed=cfg["seed"],
+            prior_split=(prior_data["val_fraction"], prior_data["seed"]),
+            sampling={k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")},
+        )
+        metrics.update(result.metrics)
+        for note in result.notes:
+            say(f"evaluation diagnostics: {note}")
+        if cfg["pictures"] and result.support:
+            extra["diagnostics.png"] = plot_diagnostics(result, maze, work / "diagnostics.png")
     if cfg["pictures"]:
-        pictures = _pictures(ctx, work, trajectories, modules, policy, protocol, episodes)
-        extra.update(pictures)
+        extra.update(_pictures(ctx, work, trajectories, modules, policy, protocol, episodes, maze))
     spec = {
         "dims": dict(ctx.artifact("skill_vae").spec["dims"]),
         "family": protocol.family,
@@ -80,14 +99,19 @@ def build_policy(modules: dict[str, Any], cfg: dict[str, Any]) -> LDCQPolicy:
     )
 
 
-def _pictures(ctx, out_dir, trajectories, modules, policy, protocol, episodes) -> dict[str, Path]:
-    """Pictures of the evaluation, written to ``out_dir``; name -> file."""
-    seed = ctx.stage_cfg("evaluation")["seed"]
+def _maze(protocol, seed: int) -> plots.MazeLayout | None:
+    """The walls and goal of the evaluation env's maze (None when it is not one)."""
     env = protocol.make_env()
     try:
-        maze = plots.MazeLayout.from_env(env, seed=seed)
+        return plots.MazeLayout.from_env(env, seed=seed)
     finally:
         env.close()
+
+
+def _pictures(
+    ctx, out_dir, trajectories, modules, policy, protocol, episodes, maze
+) -> dict[str, Path]:
+    """Pictures of the evaluation, written to ``out_dir``; name -> file."""
     files = plots.make_pictures(
         out_dir,
         traj=trajectories,

@@ -68,6 +68,24 @@ class FiLMResBlock(nn.Module):
         return h + x
 
 
+def _embedding_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    """GELU(LN(Lin(out, out)(GELU(LN(Lin(in, out)))))): the time and the state embeddings."""
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim),
+        nn.LayerNorm(out_dim),
+        nn.GELU(),
+        nn.Linear(out_dim, out_dim),
+        nn.LayerNorm(out_dim),
+        nn.GELU(),
+    )
+
+
+def _time_embedding(mlp: nn.Sequential, t: Tensor | float, sinusoidal_dim: int) -> Tensor:
+    """t (...,) integer-valued timesteps (any dtype) -> (..., time_embed_dim)."""
+    t = torch.as_tensor(t, device=mlp[0].weight.device)
+    return mlp(sinusoidal_embedding(t, sinusoidal_dim))
+
+
 def _down_or_up(in_dim: int, out_dim: int) -> nn.Sequential:
     """GELU(LN(Lin(in, out))), the projection between blocks of different widths."""
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.GELU())
@@ -99,22 +117,8 @@ class FiLMDenoiser(nn.Module):
                 f"FiLMDenoiser: sinusoidal_dim must be an even number >= 4, got {sinusoidal_dim}."
             )
         self.sinusoidal_dim = sinusoidal_dim
-        self.time_mlp = nn.Sequential(
-            nn.Linear(sinusoidal_dim, time_embed_dim),
-            nn.LayerNorm(time_embed_dim),
-            nn.GELU(),
-            nn.Linear(time_embed_dim, time_embed_dim),
-            nn.LayerNorm(time_embed_dim),
-            nn.GELU(),
-        )
-        self.state_mlp = nn.Sequential(
-            nn.Linear(state_dim, state_embed_dim),
-            nn.LayerNorm(state_embed_dim),
-            nn.GELU(),
-            nn.Linear(state_embed_dim, state_embed_dim),
-            nn.LayerNorm(state_embed_dim),
-            nn.GELU(),
-        )
+        self.time_mlp = _embedding_mlp(sinusoidal_dim, time_embed_dim)
+        self.state_mlp = _embedding_mlp(state_dim, state_embed_dim)
 
         def block(d: int) -> FiLMResBlock:
             return FiLMResBlock(d, time_embed_dim, state_embed_dim)
@@ -142,8 +146,7 @@ class FiLMDenoiser(nn.Module):
 
         The samplers pass a scalar t, so one embedding serves every row of a step.
         """
-        t = torch.as_tensor(t, device=self.input_proj.weight.device)
-        return self.time_mlp(sinusoidal_embedding(t, self.sinusoidal_dim))
+        return _time_embedding(self.time_mlp, t, self.sinusoidal_dim)
 
     def forward(
         self,
@@ -176,3 +179,96 @@ class FiLMDenoiser(nn.Module):
             h = blk(proj(h) + skips.pop(), time_emb, next(contexts))
         h = self.final_block(h + x0, time_emb, next(contexts))
         return self.output_proj(h)
+
+
+class MLPDenoiser(nn.Module):
+    """A plain MLP x̂0(x_t, t, s), the architecture ablation of the FiLM UNet: the same time and
+    state embeddings, then ``depth`` GELU(LN(Lin)) layers of one ``width`` over cat[x_t, t_e, s_e]
+    and Lin(width, Z); no FiLM, no skips, no residual blocks.
+
+    Like `FiLMDenoiser`, the state's share of the first layer is computed once per state
+    (`embed_state`), so K samples per state cost only the latent path.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        state_dim: int,
+        width: int = 256,
+        depth: int = 4,
+        time_embed_dim: int = 256,
+        state_embed_dim: int = 256,
+        sinusoidal_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        if width < 1 or depth < 1:
+            raise ValueError(f"MLPDenoiser: width and depth must be >= 1, got {width}, {depth}.")
+        self.sinusoidal_dim = sinusoidal_dim
+        self.latent_dim, self.time_embed_dim = latent_dim, time_embed_dim
+        self.time_mlp = _embedding_mlp(sinusoidal_dim, time_embed_dim)
+        self.state_mlp = _embedding_mlp(state_dim, state_embed_dim)
+        self.input = nn.Linear(latent_dim + time_embed_dim + state_embed_dim, width)
+        self.input_norm = nn.LayerNorm(width)
+        self.hidden = nn.ModuleList(_down_or_up(width, width) for _ in range(depth - 1))
+        self.output_proj = nn.Linear(width, latent_dim)
+
+    def embed_state(self, states: Tensor) -> StateContext:
+        """states (..., S) -> (the state's share of the first layer, bias included,)."""
+        split = self.latent_dim + self.time_embed_dim
+        weight = self.input.weight[:, split:]
+        return (F.linear(self.state_mlp(states), weight, self.input.bias),)
+
+    def embed_time(self, t: Tensor | float) -> Tensor:
+        """t (...,) integer-valued timesteps -> (..., time_embed_dim)."""
+        return _time_embedding(self.time_mlp, t, self.sinusoidal_dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        states: Tensor | None = None,
+        *,
+        state_context: StateContext | None = None,
+    ) -> Tensor:
+        """Predict x0 as `FiLMDenoiser.forward` does (same arguments, same broadcasting)."""
+        if (states is None) == (state_context is None):
+            raise ValueError("MLPDenoiser.forward: pass exactly one of states or state_context.")
+        if state_context is None:
+            state_context = self.embed_state(states)
+        z, split = self.latent_dim, self.latent_dim + self.time_embed_dim
+        t_part = F.linear(self.embed_time(t), self.input.weight[:, z:split])
+        h = F.linear(x, self.input.weight[:, :z]) + t_part + state_context[0]
+        h = F.gelu(self.input_norm(h))
+        for layer in self.hidden:
+            h = layer(h)
+        return self.output_proj(h)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def mlp_width_like(
+    latent_dim: int,
+    state_dim: int,
+    hidden_dims: Sequence[int],
+    time_embed_dim: int,
+    state_embed_dim: int,
+    depth: int = 4,
+) -> int:
+    """The width of a ``depth``-layer `MLPDenoiser` whose parameter count is closest to that of
+    the `FiLMDenoiser` with these widths: the architecture ablation compares networks of one size."""
+    target = count_parameters(
+        FiLMDenoiser(latent_dim, state_dim, hidden_dims, time_embed_dim, state_embed_dim)
+    )
+
+    def size(width: int) -> int:
+        return count_parameters(
+            MLPDenoiser(latent_dim, state_dim, width, depth, time_embed_dim, state_embed_dim)
+        )
+
+    lo, hi = 1, 4096
+    while lo < hi:  # the smallest width at least as large as the UNet
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if size(mid) < target else (lo, mid)
+    return min((lo - 1, lo), key=lambda w: abs(size(max(w, 1)) - target)) if lo > 1 else lo

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError
 from ldcq.models import SAMPLERS, FiLMDenoiser, NoiseSchedule, sample_prior, x0_loss
+from ldcq.models.denoiser import MLPDenoiser, count_parameters, mlp_width_like
 from ldcq.stages.common import (
     check_positive,
     fit_normalizer_from_datamodule,
@@ -22,6 +23,10 @@ from ldcq.stages.common import (
 
 # Latents per denoiser call on a CPU (see LatentDiffusionPrior.sample).
 CPU_SAMPLE_ROWS = 4096
+# The denoiser architectures: the reference FiLM residual "UNet", and the plain MLP of the same
+# parameter count that the architecture ablation compares it with.
+DENOISERS = ("film_unet", "mlp")
+MLP_DEPTH = 4
 
 
 class LatentDiffusionPrior(L.LightningModule):
@@ -32,6 +37,10 @@ class LatentDiffusionPrior(L.LightningModule):
 
     Args:
         state_dim, latent_dim: S and Z, linked from the data (the VAE's spec).
+        denoiser: ``film_unet`` (the reference FiLM residual MLP) or ``mlp`` (a plain 4-layer
+            MLP over cat[x_t, t_emb, s_emb] as wide as makes its parameter count that of the
+            FiLM UNet these widths describe).
+        mlp_width: the MLP's width; None chooses it as above (and records it).
         hidden_dims, time_embed_dim, state_embed_dim: the FiLM residual MLP's widths.
         num_steps: T. schedule: ``linear`` (official, β 1e-4→0.02) or ``cosine``.
         snr_gamma: γ of the Min-SNR-γ weighting.
@@ -45,6 +54,8 @@ class LatentDiffusionPrior(L.LightningModule):
         state_dim: int = 0,
         latent_dim: int = 0,
         hidden_dims: list[int] | None = None,
+        denoiser: Literal["film_unet", "mlp"] = "film_unet",
+        mlp_width: int | None = None,
         time_embed_dim: int = 256,
         state_embed_dim: int = 256,
         num_steps: int = 100,
@@ -73,11 +84,21 @@ class LatentDiffusionPrior(L.LightningModule):
             raise ConfigError(f"model.ema_decay={ema_decay!r}: must be in [0, 1)")
         if sampler not in SAMPLERS:
             raise ConfigError(f"model.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
+        if denoiser not in DENOISERS:
+            raise ConfigError(f"model.denoiser={denoiser!r}: valid denoisers are {list(DENOISERS)}")
         self.save_hyperparameters()
         self.hparams.hidden_dims = hidden_dims
-        self.denoiser = FiLMDenoiser(
-            latent_dim, state_dim, hidden_dims, time_embed_dim, state_embed_dim
-        )
+        widths = (latent_dim, state_dim, hidden_dims, time_embed_dim, state_embed_dim)
+        if denoiser == "mlp":
+            # Chosen once and kept in the hyperparameters: a saved MLP loads as it was trained.
+            width = mlp_width or mlp_width_like(*widths, depth=MLP_DEPTH)
+            self.hparams.mlp_width = width
+            self.denoiser = MLPDenoiser(
+                latent_dim, state_dim, width, MLP_DEPTH, time_embed_dim, state_embed_dim
+            )
+        else:
+            self.denoiser = FiLMDenoiser(*widths)
+        self.denoiser_parameters = count_parameters(self.denoiser)
         self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.schedule = NoiseSchedule(num_steps, schedule)
         self.state_normalizer = Normalizer(state_dim)

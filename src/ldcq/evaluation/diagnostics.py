@@ -1,0 +1,358 @@
+"""Skill diagnostics: does the diffusion prior keep its samples in the data's support, and does it
+cover more of the data's behaviour modes than the VAE's Gaussian prior? (``evaluation.diagnostics``)
+
+Three measures. The held-out windows are those of episodes held out from both the skill VAE and
+the prior (their ``data.val_fraction`` splits); the reference the samples are measured against is
+the training data's own, since support means the training data's support:
+
+- **Reconstruction**: the skill decoder's action error on held-out windows, each encoded to its
+  posterior mean and decoded step by step on the window's own states (teacher-forced): the mean
+  squared error of π's mean action, and that error over the held-out actions' variance (1.0 is
+  no better than predicting the mean action).
+- **Out-of-support rate**: for a held-out window starting at state s with data latent z, its
+  *support distance* is the distance from z to the nearest latent of the ``neighbours`` training
+  windows whose start states are nearest to s (in the VAE's normalized state space). The
+  threshold τ is the 99th percentile of that distance over the held-out data latents: by
+  construction about 1 % of real latents lie beyond it. K latents are drawn at each held-out s
+  from the diffusion prior and from the VAE's Gaussian prior p(z | s); a sample is out of support
+  when its own support distance exceeds τ. Distances are Euclidean in the raw latent space.
+- **Mode coverage** (maze datasets with a state decoder): at each junction (a free cell with at
+  least three free neighbours), the directions the data takes from it are those, among east,
+  north, west and south, toward which at least ``share`` of the training windows starting in the
+  cell move more than half a cell in H steps. Up to ``per_cell`` of those windows' start states
+  each get K prior samples, whose end points the VAE's state decoder predicts; a data direction
+  is covered when at least ``share`` of the pooled samples take it. Coverage is the covered share
+  of the data's directions, averaged over junctions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldcq.data.datamodules import SnippetDataset, TrajectorySnippetDataModule
+from ldcq.data.windows import make_windows, split_episodes
+
+DIRECTIONS = ("east", "north", "west", "south")
+_UNIT = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+_ROWS = 2048  # windows per encoder call
+
+
+@dataclass
+class DiagnosticsResult:
+    metrics: dict[str, float]
+    support: dict[str, np.ndarray] = field(default_factory=dict)  # support distances by source
+    threshold: float = float("nan")
+    junctions: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _encode(vae, states: Tensor, actions: Tensor) -> Tensor:
+    return torch.cat(
+        [
+            vae.encode(s, a)[0]
+            for s, a in zip(states.split(_ROWS), actions.split(_ROWS), strict=True)
+        ]
+    )
+
+
+def reconstruction(vae, states: Tensor, actions: Tensor) -> dict[str, float]:
+    """Teacher-forced action error of the decoder on windows ``states (W, H+1, S)``, ``actions
+    (W, H, A)`` encoded to their posterior means."""
+    h = vae.hparams.horizon
+    errors = []
+    for s, a in zip(states.split(_ROWS), actions.split(_ROWS), strict=True):
+        z = vae.encode(s, a)[0]
+        mean, _ = vae.policy(vae.state_normalizer(s[:, :h]), z[:, None].expand(-1, h, -1), a)
+        errors.append(((mean - a) ** 2).flatten(0, 1))
+    squared = torch.cat(errors)
+    variance = actions.flatten(0, 1).var(dim=0, unbiased=False).clamp_min(1e-12)
+    return {
+        "diag/recon_mse": float(squared.mean()),
+        "diag/recon_mse_relative": float((squared.mean(0) / variance).mean()),
+    }
+
+
+def support_distances(
+    candidates: Tensor, reference: Tensor, neighbours: Tensor, rows: int = 256
+) -> Tensor:
+    """Distance from each candidate latent to the nearest reference latent among its state's
+    neighbours: ``candidates (M, K, Z)``, ``reference (N, Z)``, ``neighbours (M, n)`` indices
+    into ``reference`` -> ``(M, K)``."""
+    out = []
+    for c, nb in zip(candidates.split(rows), neighbours.split(rows), strict=True):
+        near = reference[nb]  # (m, n, Z)
+        out.append(torch.cdist(c, near).amin(dim=-1))
+    return torch.cat(out)
+
+
+def out_of_support(
+    vae,
+    prior,
+    held: dict[str, Tensor],
+    ref: dict[str, Tensor],
+    num_samples: int,
+    neighbours: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
+    """The out-of-support rates of the diffusion prior's and the VAE prior's samples at the
+    held-out start states (see the module docstring); also the distances and τ."""
+    z_ref = _encode(vae, ref["states"], ref["actions"])
+    z_held = _encode(vae, held["states"], held["actions"])
+    s_held, s_ref = held["states"][:, 0], ref["states"][:, 0]
+    n = min(neighbours, len(z_ref))
+    dist = torch.cdist(vae.state_normalizer(s_held), vae.state_normalizer(s_ref))
+    near = dist.topk(n, dim=1, largest=False).indices
+    data = support_distances(z_held[:, None], z_ref, near)[:, 0]
+    tau = float(torch.quantile(data, 0.99))
+    samples = _prior_samples(vae, prior, s_held, num_samples, generator)
+    d_diff = support_distances(samples["diffusion prior"], z_ref, near)
+    d_vae = support_distances(samples["VAE prior"], z_ref, near)
+    metrics = {
+        "diag/oos_rate_diffusion": float((d_diff > tau).float().mean()),
+        "diag/oos_rate_vae_prior": float((d_vae > tau).float().mean()),
+        "diag/support_threshold": tau,
+    }
+    arrays = {
+        "held-out data": data.numpy(),
+        "diffusion prior": d_diff.flatten().numpy(),
+        "VAE prior": d_vae.flatten().numpy(),
+    }
+    return metrics, arrays, tau
+
+
+def cell_of(maze, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of the maze cell holding each ``xy (N, 2)`` (the inverse of
+    :meth:`MazeLayout.cell_xy`)."""
+    h, w = maze.walls.shape
+    cols = np.floor(xy[:, 0] / maze.scale + w / 2).astype(int)
+    rows = np.floor(h / 2 - xy[:, 1] / maze.scale).astype(int)
+    return np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+
+
+def junctions(walls: np.ndarray) -> list[tuple[int, int]]:
+    """Free cells with at least three free neighbours (of four)."""
+    h, w = walls.shape
+    found = []
+    for r in range(h):
+        for c in range(w):
+            if walls[r, c]:
+                continue
+            free = sum(
+                0 <= r + dr < h and 0 <= c + dc < w and not walls[r + dr, c + dc]
+                for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))
+            )
+            if free >= 3:
+                found.append((r, c))
+    return found
+
+
+def direction_shares(shift: np.ndarray, min_move: float) -> np.ndarray:
+    """Share of the displacements ``shift (N, 2)`` that move more than ``min_move`` toward each
+    of east, north, west, south (the unit direction with the largest projection)."""
+    if not len(shift):
+        return np.zeros(len(DIRECTIONS))
+    moved = np.linalg.norm(shift, axis=1) > min_move
+    which = (shift @ _UNIT.T).argmax(axis=1)
+    return np.bincount(which[moved], minlength=len(DIRECTIONS)) / len(shift)
+
+
+def mode_coverage(
+    vae,
+    prior,
+    train: dict[str, np.ndarray],
+    maze,
+    num_samples: int,
+    per_cell: int,
+    share: float,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Mode coverage at the maze's junctions (see the module docstring). ``train`` holds the
+    training windows' ``start (W, S)`` and ``end (W, S)`` states."""
+    start_xy, end_xy = train["start"][:, :2], train["end"][:, :2]
+    rows, cols = cell_of(maze, start_xy)
+    min_move = 0.5 * maze.scale
+    found = []
+    for r, c in junctions(maze.walls):
+        in_cell = np.flatnonzero((rows == r) & (cols == c))
+        data_shares = direction_shares(end_xy[in_cell] - start_xy[in_cell], min_move)
+        data_dirs = data_shares >= share
+        if len(in_cell) < 10 or not data_dirs.any():
+            continue
+        pick = rng.choice(in_cell, size=min(per_cell, len(in_cell)), replace=False)
+        s0 = torch.from_numpy(train["start"][pick])
+        covered = {}
+        for name, latents in _prior_samples(vae, prior, s0, num_samples, generator).items():
+            s_rep = s0[:, None].expand(-1, num_samples, -1).reshape(-1, s0.shape[1])
+            mean, _ = vae.state_decoder(vae.state_normalizer(s_rep), latents.flatten(0, 1))
+            end = vae.state_normalizer.unnormalize(mean)
+            shares = direction_shares((end - s_rep)[:, :2].numpy(), min_move)
+            covered[name] = (shares >= share) & data_dirs
+        found.append(
+            {
+                "cell": (r, c),
+                "xy": maze.cell_xy(np.array([r + 0.5]), np.array([c + 0.5]))[0],
+                "data": data_dirs,
+                "covered": covered,
+            }
+        )
+    if not found:
+        return {}, []
+    metrics = {"diag/junctions": float(len(found))}
+    metrics["diag/data_modes"] = float(np.mean([j["data"].sum() for j in found]))
+    for name, key in (("diffusion prior", "diffusion"), ("VAE prior", "vae_prior")):
+        ratios = [j["covered"][name].sum() / j["data"].sum() for j in found]
+        metrics[f"diag/mode_coverage_{key}"] = float(np.mean(ratios))
+    return metrics, found
+
+
+def _prior_samples(vae, prior, states: Tensor, k: int, generator) -> dict[str, Tensor]:
+    """K latents per state (N, K, Z) from the diffusion prior and from the VAE's Gaussian prior."""
+    mean, std = vae.prior(vae.state_normalizer(states))
+    noise = torch.randn((len(states), k, mean.shape[1]), generator=generator)
+    return {
+        "diffusion prior": prior.sample(states, k, generator=generator),
+        "VAE prior": mean[:, None] + std[:, None] * noise,
+    }
+
+
+class _Sampling:
+    """The prior with the policy's sampler settings bound (None leaves the prior's own)."""
+
+    def __init__(self, prior, settings: dict[str, Any]) -> None:
+        self.prior = prior
+        self.settings = {k: v for k, v in settings.items() if v is not None}
+
+    def sample(self, states: Tensor, k: int, generator=None) -> Tensor:
+        return self.prior.sample(states, k, generator=generator, **self.settings)
+
+
+@torch.no_grad()
+def skill_diagnostics(
+    vae,
+    prior,
+    data_cfg: dict[str, Any],
+    maze=None,
+    num_samples: int = 50,
+    seed: int = 0,
+    held_out: int = 1024,
+    reference: int = 20000,
+    neighbours: int = 64,
+    per_cell: int = 16,
+    share: float = 0.1,
+    prior_split: tuple[float, int] | None = None,
+    sampling: dict[str, Any] | None = None,
+) -> DiagnosticsResult:
+    """Every diagnostic of the module docstring for the trained ``vae`` and ``prior``; ``data_cfg``
+    is the skill VAE's ``data`` section (its windows and its held-out split). ``prior_split``:
+    the prior data's ``(val_fraction, seed)``, so that held-out means held out from both.
+    ``sampling``: the policy's ``sampler``, ``sampling_steps``, ``extra_steps`` (None: the
+    prior's own), so the samples measured are those the policy draws."""
+    dm = TrajectorySnippetDataModule(**data_cfg)
+    dm.setup()
+    result = DiagnosticsResult(metrics={})
+    if dm.val_set is None or not len(dm.val_set):
+        result.notes.append("no held-out episodes (skill_vae.data.val_fraction is 0): skipped")
+        return result
+    train, val = dm.train_set, dm.val_set
+    if prior_split is not None:  # held out from the prior as well
+        _, prior_val = split_episodes(dm.episodes.num_episodes, *prior_split)
+        both = np.intersect1d(dm.split()[1], prior_val)
+        if not len(both):
+            result.notes.append(
+                "no episode is held out from both the skill VAE and the prior (their "
+                "data.val_fraction or data.seed differ): skipped"
+            )
+            return result
+        windows = make_windows(
+            dm.episodes, dm.hparams.horizon, dm.hparams.stride, episode_subset=both
+        )
+        val = SnippetDataset(val.observations, val.actions, windows)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    ref = train.__getitems__(rng.choice(len(train), min(reference, len(train)), replace=False))
+    held = val.__getitems__(rng.choice(len(val), min(held_out, len(val)), replace=False))
+    result.metrics.update(reconstruction(vae, held["states"], held["actions"]))
+    prior = _Sampling(prior, sampling or {})
+    metrics, result.support, result.threshold = out_of_support(
+        vae, prior, held, ref, num_samples, neighbours, generator
+    )
+    result.metrics.update(metrics)
+    if maze is None:
+        result.notes.append("not a maze: mode coverage skipped")
+    elif vae.state_decoder is None:
+        result.notes.append("the skill VAE has no state decoder: mode coverage skipped")
+    else:
+        obs = train.observations.numpy()
+        starts = train.state_starts.numpy()
+        windows = {"start": obs[starts], "end": obs[starts + vae.hparams.horizon]}
+        metrics, result.junctions = mode_coverage(
+            vae, prior, windows, maze, num_samples, per_cell, share, rng, generator
+        )
+        result.metrics.update(metrics)
+        if not result.junctions:
+            result.notes.append("no junction with enough data: mode coverage skipped")
+    return result
+
+
+def plot_diagnostics(result: DiagnosticsResult, maze, path: str | Path) -> Path:
+    """Support distances (histograms, τ marked) and, on a maze, the junctions' data directions
+    and which of them each prior covers."""
+    from matplotlib import pyplot as plt
+
+    from ldcq.evaluation.plots import _draw_maze, _save
+
+    panels = 2 if result.junctions else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    top = max(float(np.quantile(v, 0.995)) for v in result.support.values())
+    bins = np.linspace(0.0, max(top, result.threshold * 1.5), 60)
+    for (name, values), color in zip(
+        result.support.items(), ("black", "tab:blue", "tab:orange"), strict=False
+    ):
+        rate = float((values > result.threshold).mean())
+        ax.hist(
+            values,
+            bins=bins,
+            density=True,
+            histtype="step",
+            lw=1.8,
+            color=color,
+            label=f"{name}: {100 * rate:.1f} % beyond τ",
+        )
+    ax.axvline(result.threshold, color="red", ls="--", lw=1.2, label="τ (99th pct of data)")
+    ax.set_xlabel("distance to the nearest data latent of nearby states")
+    ax.set_ylabel("density")
+    ax.set_title("support of sampled latents (held-out states)")
+    ax.legend(fontsize=8)
+    if result.junctions:
+        ax = axes[0, 1]
+        _draw_maze(ax, maze)
+        offsets = {"diffusion prior": -0.12, "VAE prior": 0.12}
+        colors = {"diffusion prior": "tab:blue", "VAE prior": "tab:orange"}
+        for j in result.junctions:
+            x, y = j["xy"]
+            for d, unit in enumerate(_UNIT):
+                if not j["data"][d]:
+                    continue
+                length = 0.4 * maze.scale
+                ax.arrow(x, y, *(unit * length), color="0.6", width=0.03 * maze.scale, zorder=3)
+                for name, off in offsets.items():
+                    if j["covered"][name][d]:
+                        px, py = (x, y) + unit * length * 0.7 + unit[::-1] * off * maze.scale
+                        ax.plot(px, py, "o", ms=5, color=colors[name], zorder=4)
+        for name, color in colors.items():
+            ax.plot([], [], "o", color=color, label=f"covered by the {name}")
+        ax.plot([], [], color="0.6", lw=4, label="direction in the data")
+        ax.legend(fontsize=7, loc="lower left")
+        ax.set_title("behaviour modes at junctions")
+    fig.tight_layout()
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,154 @@
+"""Skill diagnostics: the out-of-support rate, mode coverage at junctions and reconstruction, on
+tiny modules and data where the right answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_dataset
+
+from ldcq.evaluation import diagnostics as diag
+from ldcq.evaluation.plots import MazeLayout
+from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+from ldcq.stages.skill_vae import SkillVAE
+
+S, A, Z, H = 4, 2, 3, 5
+
+
+def _episode(rng, length=40):
+    # A point wandering over an open 3 x 3 maze of unit cells centred on the origin.
+    xy = np.clip(np.cumsum(rng.normal(0, 0.15, (length + 1, 2)), axis=0), -1.4, 1.4)
+    obs = np.concatenate([xy, rng.normal(0, 0.1, (length + 1, 2))], axis=1)
+    return {
+        "observations": {"observation": obs},
+        "actions": rng.uniform(-1, 1, (length, A)).astype(np.float32),
+        "rewards": np.zeros(length),
+    }
+
+
+@pytest.fixture
+def dataset(minari_root):
+    rng = np.random.default_rng(0)
+    return write_dataset("test/diag-v0", [_episode(rng) for _ in range(30)])
+
+
+@pytest.fixture
+def vae():
+    torch.manual_seed(0)
+    return SkillVAE(state_dim=S, action_dim=A, horizon=H, latent_dim=Z, hidden_dim=8).eval()
+
+
+def _data_cfg(dataset):
+    return {"dataset": dataset, "horizon": H, "stride": 1, "batch_size": 16, "val_fraction": 0.2}
+
+
+OPEN = MazeLayout(np.zeros((3, 3), dtype=bool), 1.0, np.zeros(2), {})
+
+
+def test_junctions_are_free_cells_with_three_or_more_free_neighbours():
+    walls = np.array([[1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 1, 0, 1, 1], [1, 1, 0, 1, 1]], bool)
+    assert diag.junctions(walls) == [(1, 2)]
+    assert diag.junctions(np.zeros((1, 3), bool)) == []  # a corridor has none
+
+
+def test_direction_shares_name_the_dominant_axis_and_skip_small_moves():
+    shift = np.array([[1.0, 0.2], [-0.1, 2.0], [0.05, 0.0], [-3.0, 1.0]])
+    shares = diag.direction_shares(shift, min_move=0.5)
+    assert dict(zip(diag.DIRECTIONS, shares, strict=True)) == {
+        "east": 0.25,
+        "north": 0.25,
+        "west": 0.25,
+        "south": 0.0,
+    }
+
+
+def test_cell_of_inverts_cell_xy():
+    maze = MazeLayout(np.zeros((4, 6), dtype=bool), 2.0, np.zeros(2), {})
+    rows, cols = np.array([0, 3, 2]), np.array([5, 0, 3])
+    xy = maze.cell_xy(rows + 0.5, cols + 0.5)
+    assert [r.tolist() for r in diag.cell_of(maze, xy)] == [rows.tolist(), cols.tolist()]
+
+
+class _EchoPrior:
+    """A stand-in prior whose samples are chosen latents: the nearest data latent's (shift 0,
+    in support) or far away (shift 100)."""
+
+    def __init__(self, latents, shift):
+        self.latents, self.shift = latents, shift
+
+    def sample(self, states, k, generator=None):
+        return (self.latents[:, None] + self.shift).expand(-1, k, -1)
+
+
+def test_samples_on_the_data_are_in_support_and_far_ones_are_not(dataset, vae):
+    from ldcq.data.datamodules import TrajectorySnippetDataModule
+
+    dm = TrajectorySnippetDataModule(**_data_cfg(dataset))
+    dm.setup()
+    held = dm.val_set.__getitems__(np.arange(len(dm.val_set)))
+    ref = dm.train_set.__getitems__(np.arange(len(dm.train_set)))
+    z_held = vae.encode(held["states"], held["actions"])[0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for shift, rate in ((0.0, pytest.approx(0.01, abs=0.011)), (100.0, 1.0)):
+            prior = _EchoPrior(z_held, shift)
+            metrics, arrays, tau = diag.out_of_support(vae, prior, held, ref, 4, 8, gen)
+            assert metrics["diag/oos_rate_diffusion"] == rate
+            assert tau == metrics["diag/support_threshold"] > 0
+    # The held-out data latents are beyond τ in about 1 % of cases, by construction.
+    data = arrays["held-out data"]
+    assert (data > tau).mean() <= 0.01 + 1 / len(data)
+    assert arrays["VAE prior"].shape == (len(z_held) * 4,)
+
+
+def test_reconstruction_is_relative_to_the_action_variance(dataset, vae):
+    from ldcq.data.datamodules import TrajectorySnippetDataModule
+
+    dm = TrajectorySnippetDataModule(**_data_cfg(dataset))
+    dm.setup()
+    batch = dm.val_set.__getitems__(np.arange(len(dm.val_set)))
+    with torch.no_grad():
+        out = diag.reconstruction(vae, batch["states"], batch["actions"])
+        # An untrained decoder predicts about zero: its error is the actions' second moment.
+        second = float((batch["actions"] ** 2).mean())
+    assert out["diag/recon_mse"] == pytest.approx(second, rel=0.5)
+    assert out["diag/recon_mse_relative"] > 0.5
+
+
+def test_skill_diagnostics_measure_both_priors_and_draw_them(dataset, vae, tmp_path):
+    prior = LatentDiffusionPrior(
+        state_dim=S, latent_dim=Z, hidden_dims=[8], time_embed_dim=8, state_embed_dim=8
+    ).eval()
+    result = diag.skill_diagnostics(
+        vae, prior, _data_cfg(dataset), maze=OPEN, num_samples=8, seed=0, per_cell=4
+    )
+    m = result.metrics
+    for key in ("recon_mse", "oos_rate_diffusion", "oos_rate_vae_prior", "support_threshold"):
+        assert np.isfinite(m[f"diag/{key}"])
+    # Every cell of an open 3 x 3 grid has three or four free neighbours.
+    assert 1 <= m["diag/junctions"] <= 9 and 0 < m["diag/data_modes"] <= 4
+    assert 0.0 <= m["diag/mode_coverage_diffusion"] <= 1.0
+    assert 0.0 <= m["diag/mode_coverage_vae_prior"] <= 1.0
+    path = diag.plot_diagnostics(result, OPEN, tmp_path / "diagnostics.png")
+    assert path.stat().st_size > 0
+    # Without a maze (Kitchen) or without held-out episodes a note says what was skipped.
+    alone = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), maze=None, num_samples=4)
+    assert "diag/junctions" not in alone.metrics and "mode coverage" in alone.notes[0]
+    none_held = {**_data_cfg(dataset), "val_fraction": 0.0}
+    assert diag.skill_diagnostics(vae, prior, none_held).metrics == {}
+
+
+def test_held_out_means_held_out_from_the_prior_too(dataset, vae):
+    prior = LatentDiffusionPrior(
+        state_dim=S, latent_dim=Z, hidden_dims=[8], time_embed_dim=8, state_embed_dim=8
+    ).eval()
+    kwargs = {"maze": None, "num_samples": 4, "seed": 0}
+    alone = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), **kwargs)
+    same = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), prior_split=(0.2, 0), **kwargs)
+    assert same.metrics == alone.metrics  # the default: one split for both stages
+    other = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), prior_split=(0.2, 7), **kwargs)
+    if other.metrics:  # the episodes both hold out: fewer of them
+        assert len(other.support["held-out data"]) < len(alone.support["held-out data"])
+    else:
+        assert "held out from both" in other.notes[0]

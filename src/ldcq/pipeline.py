@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,15 +252,10 @@ def _maker(ctx: Context, stage: str, fp: str):
     if not ctx.shared:
         yield
         return
-    lock = ArtifactLock(ctx.root / ".work" / f"{stage}-{fp}") if global_rank() == 0 else None
-    if lock is not None:
-        lock.__enter__()
-    try:
+    maker = global_rank() == 0
+    with ArtifactLock(ctx.root / ".work" / f"{stage}-{fp}") if maker else nullcontext():
         barrier()
         yield
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
 
 
 def _run_stage(ctx: Context, spec: StageSpec, train: bool) -> StageResult:

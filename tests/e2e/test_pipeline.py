@@ -116,7 +116,11 @@ def test_pipeline_trains_then_skips_everything(tiny_maze, tmp_path):
     diagnosed = changed["evaluation"].artifact
     assert 0.0 <= diagnosed.metrics["diag/oos_rate_diffusion"] <= 1.0
     assert (diagnosed.path / "diagnostics.png").stat().st_size > 0
+    _check_tracked_runs(tmp_path)
 
+
+def _check_tracked_runs(tmp_path):
+    """Three pipeline runs, a child run per stage with its metrics and artifact files."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -140,6 +140,8 @@ def test_skill_diagnostics_measure_both_priors_and_draw_them(dataset, vae, tmp_p
 
 
 def test_held_out_means_held_out_from_the_prior_too(dataset, vae):
+    from ldcq.data.windows import split_episodes
+
     prior = LatentDiffusionPrior(
         state_dim=S, latent_dim=Z, hidden_dims=[8], time_embed_dim=8, state_embed_dim=8
     ).eval()
@@ -147,8 +149,16 @@ def test_held_out_means_held_out_from_the_prior_too(dataset, vae):
     alone = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), **kwargs)
     same = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), prior_split=(0.2, 0), **kwargs)
     assert same.metrics == alone.metrics  # the default: one split for both stages
-    other = diag.skill_diagnostics(vae, prior, _data_cfg(dataset), prior_split=(0.2, 7), **kwargs)
-    if other.metrics:  # the episodes both hold out: fewer of them
-        assert len(other.support["held-out data"]) < len(alone.support["held-out data"])
-    else:
-        assert "held out from both" in other.notes[0]
+    # Prior splits (seeds) that share some of the VAE's held-out episodes, and none of them.
+    vae_val = set(split_episodes(30, 0.2, 0)[1])
+    overlap = {seed: len(vae_val & set(split_episodes(30, 0.2, seed)[1])) for seed in range(1, 60)}
+    partly = next(s for s, n in overlap.items() if 0 < n < len(vae_val))
+    disjoint = next(s for s, n in overlap.items() if n == 0)
+    fewer = diag.skill_diagnostics(
+        vae, prior, _data_cfg(dataset), prior_split=(0.2, partly), **kwargs
+    )
+    assert len(fewer.support["held-out data"]) < len(alone.support["held-out data"])
+    none = diag.skill_diagnostics(
+        vae, prior, _data_cfg(dataset), prior_split=(0.2, disjoint), **kwargs
+    )
+    assert none.metrics == {} and "held out from both" in none.notes[0]

@@ -183,7 +183,10 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
     path = plot.parent / "maze-quick-horizon.json"
     path.write_text(json.dumps(data))
     text = results.findings([path], tmp_path)
-    assert "| 10 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 2.0 ± 0.0 / 20.0 ± 0.0 | – / – |" in text
+    assert (
+        "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 2.0 ± 0.0 / 20.0 ± 0.0 | – / – |"
+        in text
+    )
     assert "best at 20 and worst at 10, +30.0 apart (seed std 1.0): larger than the seed" in text
     assert "![maze-quick-horizon](results/sweeps/maze-quick-horizon-horizon.png)" in text
     # Seeds that differ more than the values do: within the noise.

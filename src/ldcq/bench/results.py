@@ -176,6 +176,76 @@ def _stat(metrics: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * m['mean']:.{digits}f}{spread}"
 
 
+_VERDICTS = {
+    True: "larger than the seed-to-seed variation",
+    False: "within the seed-to-seed variation",
+    None: "not compared with the seeds (one seed)",
+}
+
+
+def _sweep_table(data: dict) -> list[str]:
+    """One row per grid point: LDCQ's and BC's scores (over the seeds LDCQ has) and the
+    diagnostics."""
+    rows, keys = data["summary"]["rows"], list(data["grid"])
+    lines = [
+        "| " + " | ".join(keys) + " | seeds | LDCQ normalized | BC normalized | LDCQ success % | "
+        "out of support % (diffusion / VAE) | mode coverage (diffusion / VAE) |",
+        "|" + "---|" * (len(keys) + 6),
+    ]
+    points = []
+    for row in rows:
+        if row["point"] not in points:
+            points.append(row["point"])
+    for point in points:
+        by = {r["selector"]: r for r in rows if r["point"] == point}
+        q = by["q"]["metrics"] if "q" in by else {}
+        bc = by["vae-prior"]["metrics"] if "vae-prior" in by else {}
+        cells = [json.dumps(point[k]).strip('"') for k in keys]
+        cells += [
+            ", ".join(str(s) for s in by["q"]["seeds"]) if "q" in by else "–",
+            _stat(q, "eval/normalized_score"),
+            _stat(bc, "eval/normalized_score"),
+            _stat(q, "eval/success_rate", 100.0, 0),
+            f"{_stat(q, 'diag/oos_rate_diffusion', 100.0)} / "
+            f"{_stat(q, 'diag/oos_rate_vae_prior', 100.0)}",
+            f"{_stat(q, 'diag/mode_coverage_diffusion', 1.0, 2)} / "
+            f"{_stat(q, 'diag/mode_coverage_vae_prior', 1.0, 2)}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _effect_lines(data: dict) -> list[str]:
+    """One sentence per swept key (and combination of the other keys): the effect and whether
+    it exceeds the seed noise."""
+    lines = []
+    for key, eff in data["summary"]["effects"].items():
+        for g in eff["groups"]:
+            where = ", ".join(f"{k}={v}" for k, v in g["others"].items())
+            noise = "n/a" if g["seed_std"] is None else f"{g['seed_std']:.1f}"
+            lines.append(
+                f"- `{key}`{f' ({where})' if where else ''}: {eff['method']}'s normalized "
+                f"score is best at {g['best']} and worst at {g['worst']}, "
+                f"{g['difference']:+.1f} apart (seed std {noise}): "
+                f"{_VERDICTS[g['beyond_seed_noise']]}."
+            )
+    return lines
+
+
+def _plot_links(data: dict, readme_dir: Path) -> list[str]:
+    """The sweep's plots that exist, as links relative to the README (plots are recorded
+    relative to the project root)."""
+    lines = []
+    for plot in data.get("plots", []):
+        picture = Path(plot)
+        if not picture.is_absolute():
+            picture = readme_dir / picture
+        if picture.is_file():
+            rel = Path(os.path.relpath(picture.resolve(), readme_dir.resolve())).as_posix()
+            lines.append(f"\n![{data['name']}]({rel})")
+    return lines
+
+
 def findings(files: Sequence[Path], readme_dir: Path) -> str:
     """The Findings block: one section per sweep file, or a line saying there are none."""
     if not files:
@@ -183,59 +253,11 @@ def findings(files: Sequence[Path], readme_dir: Path) -> str:
     out = []
     for path in files:
         data = json.loads(path.read_text())
-        rows = data["summary"]["rows"]
-        keys = list(data["grid"])
-        seeds = ", ".join(str(s) for s in data["seeds"])
         out.append(
-            f"**{data['name']}** ({data['pipeline']}, {data['scale']} scale, seeds {seeds}; "
+            f"**{data['name']}** ({data['pipeline']}, {data['scale']} scale; "
             f"`{data['command'] or 'ldcq sweep'}`, git {(data['git_sha'] or 'unknown')[:7]}):"
         )
-        out.append("")
-        out.append(
-            "| " + " | ".join(keys) + " | LDCQ normalized | BC normalized | LDCQ success % | "
-            "out of support % (diffusion / VAE) | mode coverage (diffusion / VAE) |"
-        )
-        out.append("|" + "---|" * (len(keys) + 5))
-        points = []
-        for row in rows:
-            if row["point"] not in points:
-                points.append(row["point"])
-        for point in points:
-            by = {r["selector"]: r["metrics"] for r in rows if r["point"] == point}
-            q, bc = by.get("q", {}), by.get("vae-prior", {})
-            cells = [json.dumps(point[k]).strip('"') for k in keys]
-            cells += [
-                _stat(q, "eval/normalized_score"),
-                _stat(bc, "eval/normalized_score"),
-                _stat(q, "eval/success_rate", 100.0, 0),
-                f"{_stat(q, 'diag/oos_rate_diffusion', 100.0)} / "
-                f"{_stat(q, 'diag/oos_rate_vae_prior', 100.0)}",
-                f"{_stat(q, 'diag/mode_coverage_diffusion', 1.0, 2)} / "
-                f"{_stat(q, 'diag/mode_coverage_vae_prior', 1.0, 2)}",
-            ]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
-        for key, eff in data["summary"]["effects"].items():
-            for g in eff["groups"]:
-                where = ", ".join(f"{k}={v}" for k, v in g["others"].items())
-                noise = "n/a" if g["seed_std"] is None else f"{g['seed_std']:.1f}"
-                verdict = {
-                    True: "larger than the seed-to-seed variation",
-                    False: "within the seed-to-seed variation",
-                    None: "not compared with the seeds (one seed)",
-                }[g["beyond_seed_noise"]]
-                out.append(
-                    f"- `{key}`{f' ({where})' if where else ''}: {eff['method']}'s normalized "
-                    f"score is best at {g['best']} and worst at {g['worst']}, "
-                    f"{g['difference']:+.1f} apart (seed std {noise}): {verdict}."
-                )
-        for plot in data.get("plots", []):
-            picture = Path(plot)
-            if not picture.is_absolute():
-                picture = readme_dir / picture
-            if picture.is_file():  # plots are recorded relative to the project root
-                rel = Path(os.path.relpath(picture.resolve(), readme_dir.resolve())).as_posix()
-                out.append(f"\n![{data['name']}]({rel})")
+        out += ["", *_sweep_table(data), "", *_effect_lines(data), *_plot_links(data, readme_dir)]
         out.append("")
     out.append(
         "Generated by `make results` from "

@@ -257,23 +257,11 @@ def skill_diagnostics(
     dm = TrajectorySnippetDataModule(**data_cfg)
     dm.setup()
     result = DiagnosticsResult(metrics={})
-    if dm.val_set is None or not len(dm.val_set):
-        result.notes.append("no held-out episodes (skill_vae.data.val_fraction is 0): skipped")
+    val, note = _held_out(dm, prior_split)
+    if val is None:
+        result.notes.append(note)
         return result
-    train, val = dm.train_set, dm.val_set
-    if prior_split is not None:  # held out from the prior as well
-        _, prior_val = split_episodes(dm.episodes.num_episodes, *prior_split)
-        both = np.intersect1d(dm.split()[1], prior_val)
-        if not len(both):
-            result.notes.append(
-                "no episode is held out from both the skill VAE and the prior (their "
-                "data.val_fraction or data.seed differ): skipped"
-            )
-            return result
-        windows = make_windows(
-            dm.episodes, dm.hparams.horizon, dm.hparams.stride, episode_subset=both
-        )
-        val = SnippetDataset(val.observations, val.actions, windows)
+    train = dm.train_set
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     ref = train.__getitems__(rng.choice(len(train), min(reference, len(train)), replace=False))
@@ -289,8 +277,8 @@ def skill_diagnostics(
     elif vae.state_decoder is None:
         result.notes.append("the skill VAE has no state decoder: mode coverage skipped")
     else:
-        obs = train.observations.numpy()
         starts = train.state_starts.numpy()
+        obs = train.observations.numpy()
         windows = {"start": obs[starts], "end": obs[starts + vae.hparams.horizon]}
         metrics, result.junctions = mode_coverage(
             vae, prior, windows, maze, num_samples, per_cell, share, rng, generator
@@ -299,6 +287,24 @@ def skill_diagnostics(
         if not result.junctions:
             result.notes.append("no junction with enough data: mode coverage skipped")
     return result
+
+
+def _held_out(dm, prior_split: tuple[float, int] | None):
+    """The windows of the episodes held out from the skill VAE (and, given its ``(val_fraction,
+    seed)``, from the prior too), or None and why there are none."""
+    if dm.val_set is None or not len(dm.val_set):
+        return None, "no held-out episodes (skill_vae.data.val_fraction is 0): skipped"
+    if prior_split is None:
+        return dm.val_set, ""
+    _, prior_val = split_episodes(dm.episodes.num_episodes, *prior_split)
+    both = np.intersect1d(dm.split()[1], prior_val)
+    if not len(both):
+        return None, (
+            "no episode is held out from both the skill VAE and the prior (their "
+            "data.val_fraction or data.seed differ): skipped"
+        )
+    windows = make_windows(dm.episodes, dm.hparams.horizon, dm.hparams.stride, episode_subset=both)
+    return SnippetDataset(dm.val_set.observations, dm.val_set.actions, windows), ""
 
 
 def plot_diagnostics(result: DiagnosticsResult, maze, path: str | Path) -> Path:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldcq.models.layers import mlp2
+
 StateContext = tuple[Tensor, ...]
 """One tensor (..., d_block) per residual block: the state's contribution to that block's first
 linear layer (bias included), as returned by `FiLMDenoiser.embed_state`."""
@@ -68,16 +70,13 @@ class FiLMResBlock(nn.Module):
         return h + x
 
 
-def _embedding_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
-    """GELU(LN(Lin(out, out)(GELU(LN(Lin(in, out)))))): the time and the state embeddings."""
-    return nn.Sequential(
-        nn.Linear(in_dim, out_dim),
-        nn.LayerNorm(out_dim),
-        nn.GELU(),
-        nn.Linear(out_dim, out_dim),
-        nn.LayerNorm(out_dim),
-        nn.GELU(),
-    )
+def _context(denoiser, states: Tensor | None, state_context: StateContext | None) -> StateContext:
+    """The state context ``forward`` conditions on: the given one, or ``embed_state(states)``."""
+    if (states is None) == (state_context is None):
+        raise ValueError(
+            f"{type(denoiser).__name__}.forward: pass exactly one of states or state_context."
+        )
+    return denoiser.embed_state(states) if state_context is None else state_context
 
 
 def _time_embedding(mlp: nn.Sequential, t: Tensor | float, sinusoidal_dim: int) -> Tensor:
@@ -117,8 +116,8 @@ class FiLMDenoiser(nn.Module):
                 f"FiLMDenoiser: sinusoidal_dim must be an even number >= 4, got {sinusoidal_dim}."
             )
         self.sinusoidal_dim = sinusoidal_dim
-        self.time_mlp = _embedding_mlp(sinusoidal_dim, time_embed_dim)
-        self.state_mlp = _embedding_mlp(state_dim, state_embed_dim)
+        self.time_mlp = mlp2(sinusoidal_dim, time_embed_dim)
+        self.state_mlp = mlp2(state_dim, state_embed_dim)
 
         def block(d: int) -> FiLMResBlock:
             return FiLMResBlock(d, time_embed_dim, state_embed_dim)
@@ -161,10 +160,7 @@ class FiLMDenoiser(nn.Module):
         Condition on either `states` (rows matching x's) or a precomputed `state_context` from
         `embed_state` whose rows broadcast against x's (e.g. (N, 1, ·) against x (N, K, Z)).
         """
-        if (states is None) == (state_context is None):
-            raise ValueError("FiLMDenoiser.forward: pass exactly one of states or state_context.")
-        if state_context is None:
-            state_context = self.embed_state(states)
+        state_context = _context(self, states, state_context)
         time_emb = self.embed_time(t)
         contexts = iter(state_context)
 
@@ -205,8 +201,8 @@ class MLPDenoiser(nn.Module):
             raise ValueError(f"MLPDenoiser: width and depth must be >= 1, got {width}, {depth}.")
         self.sinusoidal_dim = sinusoidal_dim
         self.latent_dim, self.time_embed_dim = latent_dim, time_embed_dim
-        self.time_mlp = _embedding_mlp(sinusoidal_dim, time_embed_dim)
-        self.state_mlp = _embedding_mlp(state_dim, state_embed_dim)
+        self.time_mlp = mlp2(sinusoidal_dim, time_embed_dim)
+        self.state_mlp = mlp2(state_dim, state_embed_dim)
         self.input = nn.Linear(latent_dim + time_embed_dim + state_embed_dim, width)
         self.input_norm = nn.LayerNorm(width)
         self.hidden = nn.ModuleList(_down_or_up(width, width) for _ in range(depth - 1))
@@ -231,10 +227,7 @@ class MLPDenoiser(nn.Module):
         state_context: StateContext | None = None,
     ) -> Tensor:
         """Predict x0 as `FiLMDenoiser.forward` does (same arguments, same broadcasting)."""
-        if (states is None) == (state_context is None):
-            raise ValueError("MLPDenoiser.forward: pass exactly one of states or state_context.")
-        if state_context is None:
-            state_context = self.embed_state(states)
+        state_context = _context(self, states, state_context)
         z, split = self.latent_dim, self.latent_dim + self.time_embed_dim
         t_part = F.linear(self.embed_time(t), self.input.weight[:, z:split])
         h = F.linear(x, self.input.weight[:, :z]) + t_part + state_context[0]
@@ -268,7 +261,8 @@ def mlp_width_like(
         )
 
     lo, hi = 1, 4096
-    while lo < hi:  # the smallest width at least as large as the UNet
+    while lo < hi:  # the smallest width whose MLP is at least as large as the UNet
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if size(mid) < target else (lo, mid)
-    return min((lo - 1, lo), key=lambda w: abs(size(max(w, 1)) - target)) if lo > 1 else lo
+    # That width or the one below it, whichever is closer in size.
+    return lo - 1 if lo > 1 and target - size(lo - 1) < size(lo) - target else lo

@@ -13,20 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldcq.models.layers import mlp2
+
 # The official head widths after the concatenation: Lin(·,128)-LN-GELU-Lin(128,32)-LN-GELU-Lin(32,1).
 _HEAD_DIMS = (128, 32)
-
-
-def _mlp2(in_dim: int, hidden: int) -> nn.Sequential:
-    """Lin-LN-GELU-Lin-LN-GELU, the branch layout of the official Q network."""
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden),
-        nn.LayerNorm(hidden),
-        nn.GELU(),
-        nn.Linear(hidden, hidden),
-        nn.LayerNorm(hidden),
-        nn.GELU(),
-    )
 
 
 class QNetwork(nn.Module):
@@ -37,8 +27,8 @@ class QNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.state_hidden = state_hidden
-        self.state_branch = _mlp2(state_dim, state_hidden)
-        self.latent_branch = _mlp2(latent_dim, latent_hidden)
+        self.state_branch = mlp2(state_dim, state_hidden)
+        self.latent_branch = mlp2(latent_dim, latent_hidden)
         h1, h2 = _HEAD_DIMS
         self.head_in = nn.Linear(state_hidden + latent_hidden, h1)
         self.head = nn.Sequential(

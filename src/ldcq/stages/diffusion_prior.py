@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError
 from ldcq.models import SAMPLERS, FiLMDenoiser, NoiseSchedule, sample_prior, x0_loss
-from ldcq.models.denoiser import MLPDenoiser, count_parameters, mlp_width_like
+from ldcq.models.denoiser import MLPDenoiser, mlp_width_like
 from ldcq.stages.common import (
     check_positive,
     fit_normalizer_from_datamodule,
@@ -98,7 +98,6 @@ class LatentDiffusionPrior(L.LightningModule):
             )
         else:
             self.denoiser = FiLMDenoiser(*widths)
-        self.denoiser_parameters = count_parameters(self.denoiser)
         self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.schedule = NoiseSchedule(num_steps, schedule)
         self.state_normalizer = Normalizer(state_dim)

@@ -124,6 +124,38 @@ def effect(rows: list[dict], key: str, keys: list[str], metric: str = SCORES[0])
     return {"metric": metric, "method": "LDCQ", "groups": out}
 
 
+_SCORE_PANELS = (
+    ("eval/normalized_score", "normalized score"),
+    ("eval/success_rate", "success rate"),
+)
+_STYLES = {"q": ("tab:blue", "o"), "vae-prior": ("tab:orange", "s"), "prior": ("tab:green", "^")}
+_DIAGNOSTIC_LINES = (
+    ("diag/oos_rate_diffusion", "out of support, diffusion", "tab:blue"),
+    ("diag/oos_rate_vae_prior", "out of support, VAE prior", "tab:orange"),
+    ("diag/mode_coverage_diffusion", "mode coverage, diffusion", "tab:cyan"),
+    ("diag/mode_coverage_vae_prior", "mode coverage, VAE prior", "tab:red"),
+)
+
+
+def _combo(row: dict, others: list[str]) -> tuple[str, ...]:
+    return tuple(json.dumps(row["point"][k]) for k in others)
+
+
+def _errorbar(ax, rows, key, others, values, selector, combo, metric, offset, **style) -> None:
+    """Mean ± std of ``metric`` over the values of ``key`` for one method and one combination
+    of the other keys."""
+    place = {v: i for i, v in enumerate(values)}
+    points = [
+        (place[json.dumps(r["point"][key])], r["metrics"][metric])
+        for r in rows
+        if r["selector"] == selector and _combo(r, others) == combo and metric in r["metrics"]
+    ]
+    if points:
+        xs, stats = zip(*points, strict=True)
+        ys, es = [m["mean"] for m in stats], [m["std"] for m in stats]
+        ax.errorbar(np.array(xs) + offset, ys, yerr=es, capsize=3, **style)
+
+
 def plot_key(summary: dict, key: str, keys: list[str], path: Path, title: str) -> Path:
     """Scores (LDCQ beside BC) and the diagnostics against the values of ``key``, mean ± std over
     seeds; one line per combination of the other keys."""
@@ -132,74 +164,31 @@ def plot_key(summary: dict, key: str, keys: list[str], path: Path, title: str) -
     rows = summary["rows"]
     others = [k for k in keys if k != key]
     values = list(dict.fromkeys(json.dumps(r["point"][key]) for r in rows))
-    x = np.arange(len(values))
-    panels = [
-        ("eval/normalized_score", "normalized score"),
-        ("eval/success_rate", "success rate"),
-    ]
-    diag_panel = any(d in r["metrics"] for r in rows for d in DIAGNOSTICS[:2])
-    fig, axes = plt.subplots(1, len(panels) + diag_panel, figsize=(5.0 * (len(panels) + 1), 3.8))
-    combos = list(dict.fromkeys(tuple(json.dumps(r["point"][k]) for k in others) for r in rows))
-    styles = {"q": ("tab:blue", "o"), "vae-prior": ("tab:orange", "s"), "prior": ("tab:green", "^")}
-
-    def series(selector, combo, metric):
-        ys, es, xs = [], [], []
-        for i, v in enumerate(values):
-            for r in rows:
-                if (
-                    r["selector"] == selector
-                    and json.dumps(r["point"][key]) == v
-                    and tuple(json.dumps(r["point"][k]) for k in others) == combo
-                    and metric in r["metrics"]
-                ):
-                    xs.append(i)
-                    ys.append(r["metrics"][metric]["mean"])
-                    es.append(r["metrics"][metric]["std"])
-        return xs, ys, es
-
-    for ax, (metric, label) in zip(axes, panels, strict=False):
+    combos = list(dict.fromkeys(_combo(r, others) for r in rows))
+    diagnosed = any(d in r["metrics"] for r in rows for d, _, _ in _DIAGNOSTIC_LINES[:2])
+    panels = len(_SCORE_PANELS) + diagnosed
+    fig, axes = plt.subplots(1, panels, figsize=(5.0 * panels, 3.8), squeeze=False)
+    axes = axes[0]
+    line = (rows, key, others, values)
+    for ax, (metric, label) in zip(axes, _SCORE_PANELS, strict=False):
         for selector in dict.fromkeys(r["selector"] for r in rows):
-            color, marker = styles.get(selector, ("black", "x"))
+            color, marker = _STYLES.get(selector, ("black", "x"))
             for j, combo in enumerate(combos):
-                xs, ys, es = series(selector, combo, metric)
                 extra = ", ".join(f"{k}={c}" for k, c in zip(others, combo, strict=True))
                 name = METHODS[selector] + (f" ({extra})" if extra else "")
-                ax.errorbar(
-                    np.array(xs) + 0.04 * j,
-                    ys,
-                    yerr=es,
-                    color=color,
-                    marker=marker,
-                    capsize=3,
-                    alpha=1.0 - 0.25 * j,
-                    label=name,
-                )
+                style = {"color": color, "marker": marker, "alpha": 1.0 - 0.25 * j, "label": name}
+                _errorbar(ax, *line, selector, combo, metric, 0.04 * j, **style)
         ax.set_ylabel(label)
-    if diag_panel:
+    if diagnosed:
         ax = axes[-1]
-        q_combo = [
-            ("diag/oos_rate_diffusion", "out of support, diffusion", "tab:blue"),
-            ("diag/oos_rate_vae_prior", "out of support, VAE prior", "tab:orange"),
-            ("diag/mode_coverage_diffusion", "mode coverage, diffusion", "tab:cyan"),
-            ("diag/mode_coverage_vae_prior", "mode coverage, VAE prior", "tab:red"),
-        ]
-        for metric, label, color in q_combo:
+        for metric, label, color in _DIAGNOSTIC_LINES:
             for j, combo in enumerate(combos):
-                xs, ys, es = series("q", combo, metric)
-                if xs:
-                    ax.errorbar(
-                        np.array(xs) + 0.04 * j,
-                        ys,
-                        yerr=es,
-                        color=color,
-                        marker="o",
-                        capsize=3,
-                        label=label if j == 0 else None,
-                    )
+                style = {"color": color, "marker": "o", "label": label if j == 0 else None}
+                _errorbar(ax, *line, "q", combo, metric, 0.04 * j, **style)
         ax.set_ylabel("share")
         ax.set_title("skill diagnostics")
     for ax in axes:
-        ax.set_xticks(x, [v.strip('"') for v in values])
+        ax.set_xticks(np.arange(len(values)), [v.strip('"') for v in values])
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

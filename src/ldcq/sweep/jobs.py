@@ -30,7 +30,6 @@ class SweepJob:
     seed: int
     selectors: tuple[str, ...]
     key: str
-    sweep: str
     parent_run: str | None
     record_dir: str
     cwd: str
@@ -46,12 +45,13 @@ class SweepJob:
         ]
 
 
-def job_key(pipeline: Path, scale: str, overrides: list[str], seed: int) -> str:
-    """Names a run by its resolved config (seed aside) and seed: the same point of another sweep
-    command, or the same grid value written differently, is the same run."""
+def point_key(pipeline: Path, scale: str, overrides: list[str]) -> str:
+    """Names a point by its resolved config (seed aside): the same point of another sweep
+    command, or the same grid value written differently, is the same; a run is
+    ``<point key>-seed<i>``."""
     from ldcq.bench.score import config_hash
 
-    return f"{config_hash(pipeline, scale, 'q', overrides)}-seed{seed}"
+    return config_hash(pipeline, scale, "q", overrides)
 
 
 def run_job(job: SweepJob) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from ldcq.errors import ConfigError
 from ldcq.process import say
 from ldcq.sweep.compare import flat_summary, plot_key, summarize
 from ldcq.sweep.grid import grid_points, point_to_overrides
-from ldcq.sweep.jobs import LAUNCHERS, SweepJob, job_key, launch
+from ldcq.sweep.jobs import LAUNCHERS, SweepJob, launch, point_key
 
 SELECTORS = ("q", "vae-prior")
 
@@ -54,8 +54,9 @@ class Sweep:
         out = []
         for point in grid_points(self.grid):
             overrides = [*self.overrides, *point_to_overrides(point)]
+            point_id = point_key(self.pipeline, self.scale, overrides)  # composed once per point
             for seed in range(self.seeds):
-                key = job_key(self.pipeline, self.scale, overrides, seed)
+                key = f"{point_id}-seed{seed}"
                 out.append(
                     SweepJob(
                         pipeline=str(self.pipeline),
@@ -65,7 +66,6 @@ class Sweep:
                         seed=seed,
                         selectors=self.selectors,
                         key=key,
-                        sweep=self.name,
                         parent_run=parent_run,
                         record_dir=str(self.work / "runs"),
                         cwd=os.getcwd(),

@@ -183,8 +183,10 @@ def test_a_killed_sweep_rerun_skips_its_finished_runs(tiny_maze, tmp_path):
         / "pointmaze-umaze-quick-skill_vae.model.beta"
         / "runs"
     )
+    results = tmp_path / "sweeps" / "pointmaze-umaze-quick-skill_vae.model.beta.json"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(runs_dir.glob("*.json")):
+    # Killed once the first run is recorded (its record, then the results file rewritten).
+    while time.time() < deadline and not results.is_file():
         assert proc.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -192,6 +194,8 @@ def test_a_killed_sweep_rerun_skips_its_finished_runs(tiny_maze, tmp_path):
     first = sorted(runs_dir.glob("*.json"))
     assert len(first) == 1
     before = first[0].read_text()
+    # The results file holds that run: it survives losing the checkpoints folder.
+    assert [r["key"] for r in json.loads(results.read_text())["runs"]][:1] == [first[0].stem]
 
     assert main(args) == 0
     data = json.loads(

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,16 @@ def run_job(job: SweepJob) -> list[dict[str, Any]]:
     return records
 
 
-def launch(jobs: list[SweepJob], launcher: str, slurm: dict[str, Any], folder: Path) -> None:
-    """Run ``jobs`` with ``launcher``; a failed job raises after the others finished."""
+def launch(
+    jobs: list[SweepJob],
+    launcher: str,
+    slurm: dict[str, Any],
+    folder: Path,
+    after_each: Callable[[], Any] = lambda: None,
+) -> None:
+    """Run ``jobs`` with ``launcher``; a failed job raises after the others finished. Inline,
+    ``after_each`` runs after every run (the sweep rewrites its results file: a sweep killed
+    later keeps every finished run there)."""
     if launcher == "inline":
         for i, job in enumerate(jobs):
             say(
@@ -107,6 +116,7 @@ def launch(jobs: list[SweepJob], launcher: str, slurm: dict[str, Any], folder: P
                 f"seed={job.seed}"
             )
             run_job(job)
+            after_each()
         return
     import submitit
 

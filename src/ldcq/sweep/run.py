@@ -193,7 +193,8 @@ def run_sweep(
         )
         if pending:
             try:
-                launch(pending, launcher, slurm or {}, sweep.work)
+                keys = {j.key for j in jobs}
+                launch(pending, launcher, slurm or {}, sweep.work, lambda: sweep.write(keys))
             finally:
                 data = sweep.write({j.key for j in jobs})
         else:

@@ -154,7 +154,8 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
         metrics = {"eval/normalized_score": score, "eval/success_rate": 0.5}
         metrics["eval/first_hit_normalized"] = score
         if selector == "q":
-            metrics |= {"diag/oos_rate_diffusion": 0.02, "diag/oos_rate_vae_prior": 0.2}
+            oos = 0.02 if h == 10 else 0.10 + 0.01 * seed  # H=20: 8-10 points more
+            metrics |= {"diag/oos_rate_diffusion": oos, "diag/oos_rate_vae_prior": 0.2}
         return {"point": {"horizon": h}, "seed": seed, "selector": selector, "metrics": metrics}
 
     # H=20 beats H=10 by 30 points with a seed std of 1: an effect beyond the seed noise.
@@ -188,6 +189,10 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
         in text
     )
     assert "best at 20 and worst at 10, +30.0 apart (seed std 1.0): larger than the seed" in text
+    assert (
+        "out-of-support rate is highest at 20 and lowest at 10, +9.00 points apart "
+        "(seed std 0.71): larger than the seed-to-seed variation" in text
+    )
     assert "![maze-quick-horizon](results/sweeps/maze-quick-horizon-horizon.png)" in text
     # Seeds that differ more than the values do: within the noise.
     noisy = [

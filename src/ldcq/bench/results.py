@@ -29,6 +29,7 @@ import numpy as np
 
 from ldcq.bench.score import METHODS as METHOD_NAMES
 from ldcq.bench.score import own_stage_s
+from ldcq.sweep.compare import effect
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 FINDINGS_BEGIN, FINDINGS_END = "<!-- findings:begin -->", "<!-- findings:end -->"
@@ -215,10 +216,18 @@ def _sweep_table(data: dict) -> list[str]:
     return lines
 
 
+# Diagnostics whose effect each finding states beside the score's: (metric, words, scale, unit).
+_DIAGNOSTIC_EFFECTS = (
+    ("diag/oos_rate_diffusion", "the diffusion prior's out-of-support rate", 100.0, " points"),
+    ("diag/mode_coverage_diffusion", "the diffusion prior's mode coverage", 1.0, ""),
+)
+
+
 def _effect_lines(data: dict) -> list[str]:
-    """One sentence per swept key (and combination of the other keys): the effect and whether
-    it exceeds the seed noise."""
+    """One sentence per swept key (and combination of the other keys): the effect on LDCQ's
+    score, then on the diffusion prior's diagnostics, each against the seed noise."""
     lines = []
+    keys = list(data["grid"])
     for key, eff in data["summary"]["effects"].items():
         for g in eff["groups"]:
             where = ", ".join(f"{k}={v}" for k, v in g["others"].items())
@@ -228,6 +237,22 @@ def _effect_lines(data: dict) -> list[str]:
                 f"score is best at {g['best']} and worst at {g['worst']}, "
                 f"{g['difference']:+.1f} apart (seed std {noise}): "
                 f"{_VERDICTS[g['beyond_seed_noise']]}."
+            )
+        lines += _diagnostic_effect_lines(data["summary"]["rows"], key, keys)
+    return lines
+
+
+def _diagnostic_effect_lines(rows: list[dict], key: str, keys: list[str]) -> list[str]:
+    """The same test on the diagnostics (computed from the rows, so older files get it too)."""
+    lines = []
+    for metric, words, scale, unit in _DIAGNOSTIC_EFFECTS:
+        for g in effect(rows, key, keys, metric)["groups"]:
+            where = ", ".join(f"{k}={v}" for k, v in g["others"].items())
+            noise = "n/a" if g["seed_std"] is None else f"{scale * g['seed_std']:.2f}"
+            lines.append(
+                f"  - {words}{f' ({where})' if where else ''} is highest at {g['best']} and "
+                f"lowest at {g['worst']}, {scale * g['difference']:+.2f}{unit} apart "
+                f"(seed std {noise}): {_VERDICTS[g['beyond_seed_noise']]}."
             )
     return lines
 

@@ -223,6 +223,13 @@ _DIAGNOSTIC_EFFECTS = (
 )
 
 
+def _where_noise(group: dict, scale: float, digits: int) -> tuple[str, str]:
+    """An effect group's other keys (" (k=v, …)" or "") and its seed std as text."""
+    where = ", ".join(f"{k}={v}" for k, v in group["others"].items())
+    std = group["seed_std"]
+    return (f" ({where})" if where else ""), ("n/a" if std is None else f"{scale * std:.{digits}f}")
+
+
 def _effect_lines(data: dict) -> list[str]:
     """One sentence per swept key (and combination of the other keys): the effect on LDCQ's
     score, then on the diffusion prior's diagnostics, each against the seed noise."""
@@ -230,10 +237,9 @@ def _effect_lines(data: dict) -> list[str]:
     keys = list(data["grid"])
     for key, eff in data["summary"]["effects"].items():
         for g in eff["groups"]:
-            where = ", ".join(f"{k}={v}" for k, v in g["others"].items())
-            noise = "n/a" if g["seed_std"] is None else f"{g['seed_std']:.1f}"
+            where, noise = _where_noise(g, 1.0, 1)
             lines.append(
-                f"- `{key}`{f' ({where})' if where else ''}: {eff['method']}'s normalized "
+                f"- `{key}`{where}: {eff['method']}'s normalized "
                 f"score is best at {g['best']} and worst at {g['worst']}, "
                 f"{g['difference']:+.1f} apart (seed std {noise}): "
                 f"{_VERDICTS[g['beyond_seed_noise']]}."
@@ -247,10 +253,9 @@ def _diagnostic_effect_lines(rows: list[dict], key: str, keys: list[str]) -> lis
     lines = []
     for metric, words, scale, unit in _DIAGNOSTIC_EFFECTS:
         for g in effect(rows, key, keys, metric)["groups"]:
-            where = ", ".join(f"{k}={v}" for k, v in g["others"].items())
-            noise = "n/a" if g["seed_std"] is None else f"{scale * g['seed_std']:.2f}"
+            where, noise = _where_noise(g, scale, 2)
             lines.append(
-                f"  - {words}{f' ({where})' if where else ''} is highest at {g['best']} and "
+                f"  - {words}{where} is highest at {g['best']} and "
                 f"lowest at {g['worst']}, {scale * g['difference']:+.2f}{unit} apart "
                 f"(seed std {noise}): {_VERDICTS[g['beyond_seed_noise']]}."
             )

@@ -50,13 +50,20 @@ def _print_summary(cfg, results) -> None:
     from ldcq.tracking import resolve_uri
 
     table = Table(title=f"{cfg.name} ({cfg.scale} scale, seed {cfg.seed})")
-    for col in ("stage", "status", "seconds", "artifact"):
+    for col in ("stage", "status", "seconds", "precision", "artifact"):
         table.add_column(col)
+    reasons: dict[str, list[str]] = {}
     for r in results.values():
         status = "finished earlier" if r.skipped else "done"
-        table.add_row(r.stage, status, f"{r.seconds:.1f}", str(r.artifact.path))
+        precision = r.artifact.spec.get("precision", "")
+        reason = r.artifact.spec.get("precision_reason")
+        if reason:
+            reasons.setdefault(f"{precision}: {reason}", []).append(r.stage)
+        table.add_row(r.stage, status, f"{r.seconds:.1f}", precision, str(r.artifact.path))
     console = Console()
     console.print(table)
+    for why, stages in reasons.items():
+        console.print(f"precision of {', '.join(stages)}: {why}")
     if "evaluation" in results:
         m = results["evaluation"].artifact.metrics
         scores = Table(

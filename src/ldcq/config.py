@@ -26,9 +26,12 @@ from ldcq.tracking import flatten
 # (:func:`without_neutral`), so what was trained or recorded before it existed keeps its identity:
 # its artifacts are still found, its results still average with new seeds. Any other value is
 # part of the identity as usual. Add an entry with every new config key.
+STAGE_TRAINERS = ("skill_vae", "diffusion_prior", "latent_bank", "latent_bcq")
 NEUTRAL = {
     "diffusion_prior.model.denoiser": "film_unet",
     "evaluation.diagnostics": False,
+    # null: the stage inherits the shared trainer.precision (see ldcq.pipeline.Context.precision)
+    **{f"{stage}.trainer.precision": None for stage in STAGE_TRAINERS},
 }
 
 

@@ -32,11 +32,16 @@ from ldcq.config import without_neutral
 from ldcq.data.datamodules import load_episodes
 from ldcq.errors import ConfigError
 from ldcq.locking import ArtifactLock, RunLock
+from ldcq.precision import resolve as resolve_precision
 from ldcq.process import barrier, global_rank, say
 from ldcq.stages.clock import StageClock
 from ldcq.stages.fit import check_handoff, fit_stage
 from ldcq.stages.registry import REGISTRY, RUN_ONLY_KEYS, STAGES, Built, StageSpec
 from ldcq.tracking import Tracker
+
+# A stage whose trainer.precision is null runs in another stage's precision, not the shared one:
+# the latent bank samples the diffusion prior in the precision the prior was trained in.
+PRECISION_FROM = {"latent_bank": "diffusion_prior"}
 
 
 @dataclass
@@ -69,10 +74,26 @@ class Context:
         return OmegaConf.to_container(self.cfg[stage], resolve=True)
 
     def trainer_kwargs(self, stage: str) -> dict[str, Any]:
-        return {
-            **OmegaConf.to_container(self.cfg.trainer),
-            **self.stage_cfg(stage).get("trainer", {}),
-        }
+        """The stage's Lightning Trainer arguments: the shared ``trainer`` section, then the
+        stage's own, with the precision made concrete (:meth:`precision`)."""
+        return {**self._merged_trainer(stage), "precision": self.precision(stage)[0]}
+
+    def precision(self, stage: str) -> tuple[str, str]:
+        """The stage's concrete precision and why: its own ``trainer.precision`` if set, else
+        that of the stage in :data:`PRECISION_FROM`, else the shared ``trainer.precision``
+        (``auto``: bf16-mixed where the hardware has native bf16, see :mod:`ldcq.precision`)."""
+        own = self.stage_cfg(stage).get("trainer", {}).get("precision")
+        if own is None and stage in PRECISION_FROM:
+            return self.precision(PRECISION_FROM[stage])
+        merged = self._merged_trainer(stage)
+        value = own if own is not None else merged.get("precision")
+        return resolve_precision(value or "auto", merged.get("accelerator"))
+
+    def _merged_trainer(self, stage: str) -> dict[str, Any]:
+        own = dict(self.stage_cfg(stage).get("trainer", {}))
+        if own.get("precision") is None:  # null: inherited (see precision)
+            own.pop("precision", None)
+        return {**OmegaConf.to_container(self.cfg.trainer, resolve=True), **own}
 
     def artifact(self, stage: str) -> Artifact:
         """The artifact a stage earlier in this run made or found."""
@@ -164,6 +185,8 @@ def _common_spec(ctx: Context, stage: str, fp: str) -> dict[str, Any]:
         "config_hash": fingerprint(cfg),
         "pipeline": ctx.cfg.name,
         "seconds": ctx.stage_seconds(),
+        "precision": ctx.precision(stage)[0],
+        "precision_reason": ctx.precision(stage)[1],
     }
 
 

@@ -19,6 +19,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from ldcq.artifacts import dataset_identity, fingerprint, module_kwargs, write_artifact
 from ldcq.data.datamodules import load_episodes
 from ldcq.errors import ConfigError
+from ldcq.precision import AUTO
+from ldcq.precision import resolve as resolve_precision
 from ldcq.stages.guards import FiniteLossGuard
 from ldcq.stages.registry import StageSpec, stage
 from ldcq.tracking import check_server, resolve_uri
@@ -39,6 +41,8 @@ def run_stage_cli(command: str, argv: list[str]) -> None:
         # Parse errors come back as exceptions, to be told as one line with the closest key.
         parser_kwargs={"exit_on_error": False},
         trainer_defaults={
+            # The pipeline's trainer.precision: auto (bf16-mixed where the hardware has it).
+            "precision": resolve_precision(AUTO, "auto")[0],
             "callbacks": [FiniteLossGuard(spec.name, lr_key="--model.lr")],
             "logger": {
                 "class_path": "lightning.pytorch.loggers.MLFlowLogger",

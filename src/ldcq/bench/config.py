@@ -15,6 +15,7 @@ import torch
 from jsonargparse import ArgumentParser, Namespace
 
 from ldcq.errors import ConfigError
+from ldcq.precision import DTYPES
 
 # family -> (pipeline composed for its config, dims of its datasets' observation fields, A).
 # S and A come from the data in a real run; here they are the datasets' known dims, and S follows
@@ -31,7 +32,7 @@ FAMILIES: dict[str, tuple[str, dict[str, int], int]] = {
         8,
     ),
 }
-PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+PRECISIONS = DTYPES  # Lightning's precision names -> autocast dtype (None: fp32)
 # The quality prior trains for only ``quality_train_steps``: a faster learning rate and a shorter
 # EMA than the paper's let it converge that quickly. Sampling cost does not depend on them.
 QUALITY_LR, QUALITY_EMA = 1e-3, 0.99

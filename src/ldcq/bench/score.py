@@ -42,6 +42,7 @@ from rich.table import Table
 from ldcq.artifacts import atomic_write_text, fingerprint, git_sha
 from ldcq.config import compose, without_neutral
 from ldcq.errors import ConfigError, LdcqError
+from ldcq.precision import resolve_config
 from ldcq.stages import registry
 from ldcq.tracking import resolve_uri
 
@@ -157,7 +158,7 @@ def config_hash(pipeline: Path, scale: str, selector: str, overrides: list[str])
     """Hash of the resolved config of a run apart from its seed: the runs of one method and config
     share it across seeds, so the results table averages them."""
     cfg = compose(pipeline, [f"evaluation.selector={selector}", *overrides, "seed=0"], scale=scale)
-    return fingerprint(without_neutral(OmegaConf.to_container(cfg, resolve=True)))
+    return fingerprint(without_neutral(resolve_config(OmegaConf.to_container(cfg, resolve=True))))
 
 
 def record(path: Path, meta: dict[str, Any], run: dict[str, Any]) -> None:

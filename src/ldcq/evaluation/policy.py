@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ldcq.errors import ConfigError
+from ldcq.precision import DTYPES, autocast
 
 SELECTORS = ("q", "prior", "vae-prior")
 
@@ -31,6 +32,8 @@ class LDCQPolicy:
         deterministic: decoder mean instead of a sample.
         sampler, sampling_steps, extra_steps: prior sampler overrides (None: the prior's config).
         seed: seeds the prior's and the decoder's noise.
+        precision: concrete precision the prior samples and Q scores in (the latent bank's, so
+            the policy picks among latents drawn as Q was trained on); latents come out fp32.
     """
 
     def __init__(
@@ -46,7 +49,10 @@ class LDCQPolicy:
         sampling_steps: int | None = None,
         extra_steps: int | None = None,
         seed: int = 0,
+        precision: str = "32-true",
     ) -> None:
+        if precision not in DTYPES:
+            raise ConfigError(f"precision={precision!r}: valid values are {list(DTYPES)}")
         if selector not in SELECTORS:
             raise ConfigError(f"evaluation.selector={selector!r}: valid selectors are {SELECTORS}")
         if num_samples < 1 or replan_every < 1:
@@ -62,6 +68,7 @@ class LDCQPolicy:
         self.selector = selector
         self.num_samples, self.replan_every = num_samples, replan_every
         self.deterministic = deterministic
+        self.precision = precision
         self.sample_kwargs = {
             "sampler": sampler,
             "sampling_steps": sampling_steps,
@@ -82,10 +89,12 @@ class LDCQPolicy:
         if self.selector == "vae-prior":
             return self.vae.prior_mean(states)
         k = self.num_samples if self.selector == "q" else 1
-        z = self.prior.sample(states, k, generator=self.generator, **self.sample_kwargs)
-        if self.selector == "prior":
-            return z[:, 0]
-        best = self.q.score(states, z).argmax(dim=1)
+        with autocast(self.precision, states.device):
+            z = self.prior.sample(states, k, generator=self.generator, **self.sample_kwargs)
+            z = z.float()
+            if self.selector == "prior":
+                return z[:, 0]
+            best = self.q.score(states, z).float().argmax(dim=1)
         return z[torch.arange(len(z)), best]
 
     @torch.no_grad()

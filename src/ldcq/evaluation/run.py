@@ -28,7 +28,7 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     when ``evaluation.pictures`` is true."""
     cfg = ctx.stage_cfg("evaluation")
     modules = {s: load_modules(ctx.artifact(s))[s] for s in TRAINED_INPUTS}
-    policy = build_policy(modules, cfg)
+    policy = build_policy(modules, cfg, ctx.precision("latent_bank")[0])
     episodes = load_episodes(ctx.cfg.dataset, list(ctx.cfg.obs_keys))
     stored_ref = (episodes.ref_min_score, episodes.ref_max_score)
     protocol = evaluation_protocol(ctx.cfg.dataset, cfg["goal"], stored_ref)
@@ -82,8 +82,11 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     return ArtifactParts(spec=spec, metrics=metrics, extra_files=extra, logged=None)
 
 
-def build_policy(modules: dict[str, Any], cfg: dict[str, Any]) -> LDCQPolicy:
-    """The policy of the ``evaluation`` section over the frozen trained modules."""
+def build_policy(
+    modules: dict[str, Any], cfg: dict[str, Any], precision: str = "32-true"
+) -> LDCQPolicy:
+    """The policy of the ``evaluation`` section over the frozen trained modules, sampling in
+    ``precision`` (the latent bank's)."""
     return LDCQPolicy(
         modules["skill_vae"],
         modules["diffusion_prior"],
@@ -96,6 +99,7 @@ def build_policy(modules: dict[str, Any], cfg: dict[str, Any]) -> LDCQPolicy:
         sampling_steps=cfg["sampling_steps"],
         extra_steps=cfg["extra_steps"],
         seed=cfg["seed"],
+        precision=precision,
     )
 
 

@@ -40,8 +40,9 @@ from ldcq.stages.registry import REGISTRY, RUN_ONLY_KEYS, STAGES, Built, StageSp
 from ldcq.tracking import Tracker
 
 # A stage whose trainer.precision is null runs in another stage's precision, not the shared one:
-# the latent bank samples the diffusion prior in the precision the prior was trained in.
-PRECISION_FROM = {"latent_bank": "diffusion_prior"}
+# the latent bank samples the diffusion prior in the precision the prior was trained in, and the
+# evaluation's policy samples and scores latents in the bank's.
+PRECISION_FROM = {"latent_bank": "diffusion_prior", "evaluation": "latent_bank"}
 
 
 @dataclass

@@ -224,12 +224,24 @@ def test_pipeline_under_ddp_two_cpu_processes(tiny_maze, tmp_path):
 
 
 def test_pipeline_in_bf16_mixed_precision(tiny_maze, tmp_path):
+    # The shared precision reaches every stage that does not set its own; the latent bank samples
+    # in the prior's; each artifact's spec.json says which and why.
     overrides = [*tiny_overrides(tmp_path, dataset="pointmaze-umaze"), "evaluation.pictures=false"]
-    cfg = compose(PIPELINE, [*overrides, "trainer.precision=bf16-mixed"])
+    cfg = compose(
+        PIPELINE,
+        [*overrides, "trainer.precision=bf16-mixed", "latent_bcq.trainer.precision=32-true"],
+    )
     results = run_pipeline(cfg, track=False)
     for r in results.values():
         metrics = r.artifact.metrics
         assert all(np.isfinite(v) for v in metrics.values()), (r.stage, metrics)
+    used = {
+        s: (r.artifact.spec["precision"], r.artifact.spec["precision_reason"])
+        for s, r in results.items()
+    }
+    assert used["latent_bcq"] == ("32-true", "set in the config")
+    for stage in ("skill_vae", "diffusion_prior", "latent_bank", "evaluation"):
+        assert used[stage] == ("bf16-mixed", "set in the config"), stage
 
 
 @pytest.mark.parametrize("pipeline", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml")))

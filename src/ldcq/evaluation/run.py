@@ -28,7 +28,7 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     when ``evaluation.pictures`` is true."""
     cfg = ctx.stage_cfg("evaluation")
     modules = {s: load_modules(ctx.artifact(s))[s] for s in TRAINED_INPUTS}
-    policy = build_policy(modules, cfg, ctx.precision("latent_bank")[0])
+    policy = build_policy(modules, cfg, ctx.precision("evaluation")[0])
     episodes = load_episodes(ctx.cfg.dataset, list(ctx.cfg.obs_keys))
     stored_ref = (episodes.ref_min_score, episodes.ref_max_score)
     protocol = evaluation_protocol(ctx.cfg.dataset, cfg["goal"], stored_ref)

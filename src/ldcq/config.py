@@ -30,6 +30,7 @@ STAGE_TRAINERS = ("skill_vae", "diffusion_prior", "latent_bank", "latent_bcq")
 NEUTRAL = {
     "diffusion_prior.model.denoiser": "film_unet",
     "evaluation.diagnostics": False,
+    "latent_bcq.model.compile": False,
     # null: the stage inherits the shared trainer.precision (see ldcq.pipeline.Context.precision)
     **{f"{stage}.trainer.precision": None for stage in STAGE_TRAINERS},
 }

@@ -264,3 +264,45 @@ def test_open_bank_refuses_missing_and_wrong_files(tmp_path):
         open_bank(tmp_path / "bad.npy")
     np.save(tmp_path / "good.npy", np.ones((3, 2, 4), dtype=np.float16))
     assert open_bank(tmp_path / "good.npy").shape == (3, 2, 4)
+
+
+def test_compiled_target_scoring_matches_eager_and_a_failed_compile_warns_once(monkeypatch):
+    eager, compiled = _module(), _module(compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    batch = _batch()
+    calls = []
+
+    def fake_compile(fn, **kwargs):  # stands in for a backend: counts the compiled calls
+        def run(*a, **kw):
+            calls.append(1)
+            return fn(*a, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for a, b in zip(compiled.td_targets(batch), eager.td_targets(batch), strict=True):
+        torch.testing.assert_close(a, b)
+    assert calls == [1] and compiled._target_score.compile_s is not None
+
+    def broken_compile(fn, **kwargs):
+        def run(*a, **kw):
+            raise RuntimeError("InductorError: no C++ compiler found\nlong traceback")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    failing = _module(compile=True)
+    failing.load_state_dict(eager.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"latent_bcq.model.compile: torch.compile failed"):
+        y = failing.td_targets(batch)
+    torch.testing.assert_close(y[0], eager.td_targets(batch)[0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager from then on: no second warning
+        failing.td_targets(batch)
+    assert failing._target_score.failed.startswith("RuntimeError: InductorError")
+    # A copy (as a checkpoint or DDP makes) holds no compiled function and compiles anew.
+    import copy
+
+    assert copy.deepcopy(compiled)._target_score._compiled is None

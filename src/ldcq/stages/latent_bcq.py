@@ -21,6 +21,7 @@ from torch import Tensor
 from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError
 from ldcq.models import TwinQ
+from ldcq.models.compiled import CompiledOrEager
 from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule, training_noise
 
 
@@ -66,6 +67,9 @@ class LatentBCQ(L.LightningModule):
             (the official code used one subset for the whole batch, §4.1.12); None = all K.
         terminal_on_reward: treat a positive chunk reward as terminal (the official maze trick).
         reward_scale: multiplies the chunk rewards (the official locomotion code used 0.1).
+        compile: score the bank latents with ``torch.compile``d target nets (the hot path:
+            B×K latents through two heads each step); a backend that cannot compile falls back
+            to eager with one warning.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class LatentBCQ(L.LightningModule):
         num_bank_samples: int | None = None,
         terminal_on_reward: bool = False,
         reward_scale: float = 1.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_positive(
@@ -106,6 +111,8 @@ class LatentBCQ(L.LightningModule):
         self.q = TwinQ(state_dim, latent_dim, hidden_dim, latent_hidden)
         self.target_q = copy.deepcopy(self.q).requires_grad_(False)
         self.state_normalizer = Normalizer(state_dim)
+        self._target_score = CompiledOrEager(self.target_q, "score", "latent_bcq.model.compile")
+        self._target_score.enabled = compile
 
     def on_fit_start(self) -> None:
         fit_normalizer_from_datamodule(self, self.state_normalizer, "state_normalizer")
@@ -157,7 +164,7 @@ class LatentBCQ(L.LightningModule):
         if hp.terminal_on_reward:
             dones = torch.maximum(dones, (rewards > 0).to(dones.dtype))
         # TwinQ.score runs each target net's state branch once per next state, not once per latent.
-        next_q1, next_q2 = self.target_q.score(
+        next_q1, next_q2 = self._target_score(
             self.state_normalizer(batch["next_states"]),
             self._bank_columns(batch["bank"], generator),
         )

@@ -47,7 +47,7 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
     path = write_report(report, tmp_path)
     loaded = json.loads(path.read_text())
 
-    for section in (*SECTIONS, "projection", "slowest", "targets"):
+    for section in (*SECTIONS, "projection", "slowest", "targets", "reference", "speedups"):
         assert section in loaded, section
     assert [(r["family"], r["stage"]) for r in loaded["train"]] == [("maze2d", s) for s in TRAINED]
     for row in loaded["train"]:
@@ -65,7 +65,30 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
     assert all(r["replay_ms_per_update"] > 0 for r in loaded["q_learning"]["rows"])
     assert [r["envs"] for r in loaded["latency"]["rows"]] == [1, 4]
     assert loaded["slowest"]["ops"], "the profile of the slowest stage is empty"
-    assert all(isinstance(t["pass"], bool) for t in loaded["targets"][:4])
+    assert all(isinstance(t["pass"], bool) for t in loaded["targets"])
+    # The reference mode ran the official settings beside ours, in this run.
+    ref = loaded["reference"]
+    assert ref["precision"] == "32-true" and loaded["meta"]["precision"] in (
+        "32-true",
+        "bf16-mixed",
+    )
+    assert ref["bank"]["sampler"].startswith("ddpm") and ref["bank"]["transitions"] == 16
+    assert [r["sampler"] for r in ref["latency"]["rows"]] == ["ddpm 10+5"]
+    assert [(r["stage"], r["batch"]) for r in ref["train"]] == [
+        ("skill_vae", 128),
+        ("latent_bcq", 128),
+    ]
+    speedups = {r["measure"]: r for r in loaded["speedups"]}
+    assert set(speedups) == {"skill_vae", "latent_bcq", "bank", "replan"}
+    bank = speedups["bank"]
+    assert bank["speedup"] == pytest.approx(
+        loaded["bank"]["latents_per_s"] / ref["bank"]["latents_per_s"]
+    )
+    replan = speedups["replan"]
+    assert replan["speedup"] == pytest.approx(replan["reference"] / replan["ours"])
+    assert [t["target"] for t in loaded["targets"][-4:]] == [
+        f"{r['label']} ≥ {r['target']:.0f}× the reference mode" for r in loaded["speedups"]
+    ]
     for section in SECTIONS[1:]:
         entries = loaded[section] if isinstance(loaded[section], list) else [loaded[section]]
         for entry in entries:
@@ -75,7 +98,9 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
 
     console = Console(record=True, width=150)
     print_report(loaded, console)
-    assert "Targets" in console.export_text()
+    printed = console.export_text()
+    assert "Targets" in printed and "over the reference mode" in printed
+    assert "official" not in printed.split("Targets")[-1].lower()  # no quoted constants
 
 
 def test_bank_rate_is_timed_on_the_whole_bank(monkeypatch, one_thread):
@@ -83,7 +108,7 @@ def test_bank_rate_is_timed_on_the_whole_bank(monkeypatch, one_thread):
     from ldcq.bench.sections import bank as bank_section
 
     monkeypatch.setattr(bank_section, "best_time", lambda *args, **kwargs: 1e6)
-    bank = bank_section.section_bank(BenchConfig.tiny(root=str(ROOT)))
+    bank = bank_section.section_bank(BenchConfig.tiny(root=str(ROOT)).resolved()[0])
     assert bank["seconds"] < 1e6
     assert bank["latents_per_s"] == pytest.approx(bank["transitions"] * bank["K"] / bank["seconds"])
     assert set(bank["sample_latents_per_s_by_rows"].values()) == {
@@ -94,6 +119,8 @@ def test_bank_rate_is_timed_on_the_whole_bank(monkeypatch, one_thread):
 def test_bench_config_refuses_what_cannot_run():
     with pytest.raises(ConfigError, match="16-mixed needs --device cuda"):
         BenchConfig(precision="16-mixed").check()
+    with pytest.raises(ConfigError, match="valid values"):
+        BenchConfig(precision="fp8").check()
     with pytest.raises(ConfigError, match="valid families"):
         BenchConfig(families=("kitchen",)).check()
 

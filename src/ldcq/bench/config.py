@@ -15,7 +15,7 @@ import torch
 from jsonargparse import ArgumentParser, Namespace
 
 from ldcq.errors import ConfigError
-from ldcq.precision import DTYPES
+from ldcq.precision import DTYPES, VALID, resolve
 
 # family -> (pipeline composed for its config, dims of its datasets' observation fields, A).
 # S and A come from the data in a real run; here they are the datasets' known dims, and S follows
@@ -45,7 +45,7 @@ class BenchConfig:
     """Every knob of `make bench`; the defaults finish within 10 minutes on a 2-core CPU."""
 
     device: str = "cpu"  # cpu | cuda
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed (cuda only)
+    precision: str = "auto"  # auto (as trainer.precision) | 32-true | bf16-mixed | 16-mixed (cuda)
     scale: str = "paper"  # configs/scale/<scale>.yaml: the network sizes and batch sizes
     families: tuple[str, ...] = ("maze2d", "antmaze")  # the first one also runs the other sections
     overrides: tuple[str, ...] = ()  # dotted config overrides, as for `ldcq pipeline run`
@@ -83,6 +83,15 @@ class BenchConfig:
     throughput_samples: int = 100
     bank_states: int = 4096
     envs: tuple[int, ...] = (1, 64)
+    # The reference mode (ldcq.bench.reference): the official settings in our code, measured in
+    # the same run, so each speedup is a ratio of two figures from this host.
+    reference: bool = True  # also measure the reference mode and print our speedup over it
+    reference_bank_states: int = 512  # states of the reference bank (DDPM: ~10x slower a latent)
+
+    def resolved(self) -> tuple[BenchConfig, str]:
+        """This config with ``auto`` precision made concrete for ``device``, and why."""
+        concrete, reason = resolve(self.precision, "gpu" if self.device == "cuda" else "cpu")
+        return replace(self, precision=concrete), reason
 
     @classmethod
     def tiny(cls, **changes: Any) -> BenchConfig:
@@ -129,6 +138,7 @@ class BenchConfig:
             "throughput_samples": 8,
             "bank_states": 128,
             "envs": (1, 4),
+            "reference_bank_states": 16,
         }
         return cls(**{**values, **changes})
 
@@ -137,12 +147,12 @@ class BenchConfig:
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"--precision {self.precision!r}: valid values are {list(PRECISIONS)}"
-            )
+        if self.precision not in VALID:
+            raise ConfigError(f"--precision {self.precision!r}: valid values are {list(VALID)}")
         if self.precision == "16-mixed" and self.device != "cuda":
             raise ConfigError("--precision 16-mixed needs --device cuda; use bf16-mixed on a CPU")
+        if self.reference_bank_states < 1:
+            raise ConfigError("--reference_bank_states must be >= 1")
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
             raise ConfigError(f"--families {unknown}: valid families are {list(FAMILIES)}")

@@ -61,6 +61,7 @@ from ldcq.bench.measure import (
     quiet,
     rss_mb,
 )
+from ldcq.bench.reference import REFERENCE_OVERRIDES, reference_config, speedups
 from ldcq.bench.report import print_report, targets, write_report
 from ldcq.bench.sections.bank import section_bank
 from ldcq.bench.sections.latency import section_latency
@@ -123,8 +124,9 @@ def _call(cfg: BenchConfig, name: str, *args: Any) -> dict[str, Any]:
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) -> dict:
     """Every section, then the projection, the profile of the slowest stage and the targets."""
     cfg.check()
+    cfg, precision_reason = cfg.resolved()
     start = time.perf_counter()
-    meta = _meta(cfg)
+    meta = {**_meta(cfg), "precision_reason": precision_reason}
     report: dict[str, Any] = {"meta": meta}
     progress("matmul peak")
     report["peak"] = _call(cfg, "peak")
@@ -136,9 +138,15 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: No
     for name in ("sampling", "bank", "q_learning", "latency"):
         progress(name.replace("_", " "))
         report[name] = _call(cfg, name)
+    if cfg.reference:
+        report["reference"] = run_reference(cfg, progress)
     peak = _peak_gflops(report)
     for row in report["train"]:
         row["peak_fraction"] = row["gflops"] / peak
+    if cfg.reference:
+        for row in report["reference"]["train"]:
+            row["peak_fraction"] = row["gflops"] / report["peak"]["gflops"]["float32"]
+        report["speedups"] = speedups(report)
     report["projection"] = projection(cfg, report)
     slowest = max(report["projection"], key=lambda r: r["hours"])
     progress(f"profile of the slowest stage: {slowest['family']} {slowest['stage']}")
@@ -147,6 +155,29 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: No
     meta["load_avg_end"] = list(os.getloadavg())
     meta["elapsed_s"] = time.perf_counter() - start
     return report
+
+
+def run_reference(
+    cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None
+) -> dict[str, Any]:
+    """The sections a speedup is measured on, in the reference mode (:mod:`ldcq.bench.reference`):
+    skill-VAE and Q training, the latent bank and a 1-env re-plan."""
+    ref = reference_config(cfg)
+    family = ref.families[0]
+    out: dict[str, Any] = {
+        "family": family,
+        "precision": ref.precision,
+        "overrides": list(REFERENCE_OVERRIDES),
+        "train": [],
+    }
+    for stage in ("skill_vae", "latent_bcq"):
+        progress(f"reference mode: training throughput {family} {stage}")
+        out["train"].append(_call(ref, "train", family, stage))
+    progress("reference mode: latent bank (DDPM)")
+    out["bank"] = _call(ref, "bank")
+    progress("reference mode: re-plan latency (DDPM)")
+    out["latency"] = _call(ref, "latency")
+    return out
 
 
 def _meta(cfg: BenchConfig) -> dict[str, Any]:

@@ -110,4 +110,4 @@ class LDCQPolicy:
             self.age[due.numpy()] = 0
         self.age += 1
         a = self.vae.act(s, self.z, deterministic=self.deterministic, generator=self.generator)
-        return a.numpy()
+        return a.float().numpy()

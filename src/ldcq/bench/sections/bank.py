@@ -47,7 +47,9 @@ def section_bank(cfg: BenchConfig) -> dict[str, Any]:
         "family": fam.name,
         "transitions": n,
         "K": k,
-        "sampler": f"{bank_cfg.sampler} {bank_cfg.sampling_steps}",
+        "sampler": f"ddim {bank_cfg.sampling_steps}"
+        if bank_cfg.sampler == "ddim"
+        else f"ddpm {prior.hparams.num_steps}+{bank_cfg.extra_steps}",
         "seconds": seconds,
         "latents_per_s": n * k / seconds,
         "bytes_per_sample": 2 * fam.Z,

@@ -28,6 +28,7 @@ def section_latency(cfg: BenchConfig) -> dict[str, Any]:
         for n in cfg.envs:
             states = torch.randn(n, fam.S, generator=torch.Generator().manual_seed(cfg.seed))
             replan_s, step_s, source = decision_times(cfg, vae, prior, q, states, k, every)
+            hp = prior.hparams
             rows.append(
                 {
                     "family": name,
@@ -38,6 +39,9 @@ def section_latency(cfg: BenchConfig) -> dict[str, Any]:
                     "step_ms": step_s * 1e3,
                     "amortized_step_ms": (replan_s + (every - 1) * step_s) / every * 1e3,
                     "source": source,
+                    "sampler": f"{hp.sampler} {hp.sampling_steps}"
+                    if hp.sampler == "ddim"
+                    else f"ddpm {hp.num_steps}+{hp.extra_steps}",
                 }
             )
     return {"rows": rows}
@@ -52,7 +56,7 @@ def decision_times(
     same computation on device tensors, written out here.
     """
     if cfg.device == "cpu":
-        replan, step, source = _policy_calls(vae, prior, q, states, k, every)
+        replan, step, source = _policy_calls(vae, prior, q, states, k, every, cfg.precision)
     else:
         replan, step, source = _direct_calls(cfg, vae, prior, q, states, k)
     replans, steps = [], []
@@ -68,10 +72,12 @@ def decision_times(
 
 
 def _policy_calls(
-    vae, prior, q, states: Tensor, k: int, every: int
+    vae, prior, q, states: Tensor, k: int, every: int, precision: str
 ) -> tuple[Callable[[], None], Callable[[], None], str]:
     """(a re-plan, an env step, their name) through ``LDCQPolicy.act`` on numpy states."""
-    policy = LDCQPolicy(vae, prior, q, selector="q", num_samples=k, replan_every=every)
+    policy = LDCQPolicy(
+        vae, prior, q, selector="q", num_samples=k, replan_every=every, precision=precision
+    )
     s = states.numpy()
 
     def replan() -> None:

@@ -29,6 +29,26 @@ def _run(seed, selector, score, config="abc123", stage_s=None):
     }
 
 
+def test_the_table_says_which_precision_each_config_ran_in(tmp_path):
+    path = tmp_path / "pointmaze-umaze-quick.json"
+    meta = {"pipeline": "pointmaze-umaze", "scale": "quick"}
+    record(path, meta, _run(0, "q", 50.0))  # recorded before precision was: 32-true
+    bf16 = {**_run(0, "q", 55.0, config="bf16"), "precision": {"skill_vae": "bf16-mixed"}}
+    record(path, meta, bf16)
+    mixed = {"skill_vae": "bf16-mixed", "latent_bcq": "32-true"}
+    record(path, meta, {**_run(0, "q", 52.0, config="mixed"), "precision": mixed})
+    cells = {
+        line.split(" | ")[-1]: line.split(" | ")[2]
+        for line in results.table([path]).splitlines()
+        if line.startswith("| pointmaze")
+    }
+    assert cells == {
+        "`abc123` |": "32-true",
+        "`bf16` |": "bf16-mixed",
+        "`mixed` |": "skill_vae=bf16-mixed, latent_bcq=32-true",
+    }
+
+
 def test_a_rerun_replaces_its_record_and_others_are_kept(tmp_path):
     path = tmp_path / "pointmaze-umaze-cpu.json"
     meta = {"pipeline": "pointmaze-umaze", "scale": "cpu"}
@@ -53,11 +73,11 @@ def test_the_table_is_mean_and_std_over_seeds_per_method_and_config(tmp_path):
     text = results.table([path])
     rows = [line for line in text.splitlines() if line.startswith("| pointmaze")]
     assert rows[0] == (
-        "| pointmaze-umaze (cpu) | LDCQ (`q`) | 0, 1, 2 | 60.0 ± 10.0 | 110.0 ± 10.0 | 50 ± 0 "
-        "| 0.50 ± 0.00 | `abc123` |"
+        "| pointmaze-umaze (cpu) | LDCQ (`q`) | 32-true | 0, 1, 2 | 60.0 ± 10.0 | 110.0 ± 10.0 "
+        "| 50 ± 0 | 0.50 ± 0.00 | `abc123` |"
     )
     assert rows[1].startswith(
-        "| pointmaze-umaze (cpu) | BC (VAE prior) (`vae-prior`) | 0, 1, 2 | 10.0"
+        "| pointmaze-umaze (cpu) | BC (VAE prior) (`vae-prior`) | 32-true | 0, 1, 2 | 10.0"
     )
     assert (
         "`results/pointmaze-umaze-cpu.json`" in text and "Evaluation protocol: fixed goal" in text

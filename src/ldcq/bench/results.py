@@ -63,12 +63,22 @@ def _hours(run: dict, runs: list[dict]) -> float:
     return sum(v for v in own_stage_s(run, runs).values() if v is not None) / 3600
 
 
+def precision(run: dict) -> str:
+    """The precision the run's stages ran in: one name, or ``stage=name`` where they differ.
+    Records from before precision was recorded ran in 32-true, then the only default."""
+    used = {k: v or "32-true" for k, v in run.get("precision", {}).items()}
+    names = set(used.values()) or {"32-true"}
+    if len(names) == 1:
+        return names.pop()
+    return ", ".join(f"{k}={v}" for k, v in used.items())
+
+
 def table(files: Sequence[Path]) -> str:
     """The markdown table of every run in ``files``, or a line saying there are none."""
     lines = [
-        "| task (scale) | method | seeds | normalized return | first-hit normalized | success % "
-        "| timed h per seed | config |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task (scale) | method | precision | seeds | normalized return | first-hit normalized "
+        "| success % | timed h per seed | config |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     protocols = set()
     for path in sorted(files):
@@ -94,7 +104,7 @@ def table(files: Sequence[Path]) -> str:
             hours = _pm([_hours(r, data["runs"]) for r in runs], 2, 1.0)
             lines.append(
                 f"| {data['pipeline']} ({data['scale']}) | {runs[0]['method']} (`{selector}`) "
-                f"| {seeds} | {' | '.join(cells)} | {hours} | `{config}` |"
+                f"| {' / '.join(dict.fromkeys(precision(r) for r in runs))} | {seeds} | {' | '.join(cells)} | {hours} | `{config}` |"
             )
     if len(lines) == 2:
         return "No results are committed yet: `make bench-score` writes them to `results/`."

@@ -106,12 +106,14 @@ def run_once(
     command_s = time.time() - started
     parent = _parent_run(cfg, started)
     root = Path(cfg.checkpoints_dir) / cfg.name
-    times = {}
+    times, precisions = {}, {}
     for stage in stages:
         path = root / f"{stage}-{parent.data.tags[f'fingerprint.{stage}']}"
         # The artifact's own count (every attempt, a resumed one included); an artifact made
         # before it was recorded there falls back to this command's timing, if it made it.
-        seconds = json.loads((path / "spec.json").read_text()).get("seconds")
+        stage_spec = json.loads((path / "spec.json").read_text())
+        seconds = stage_spec.get("seconds")
+        precisions[stage] = stage_spec.get("precision")  # None: made before it was recorded
         if seconds is None and (path / "DONE").stat().st_mtime >= started:
             seconds = parent.data.metrics.get(f"time/{stage}_s")
         times[stage] = seconds
@@ -136,6 +138,7 @@ def run_once(
         # load average above the cores used means something else ran beside this command.
         "host": {**host(), "load_avg_start": list(load_start), "load_avg_end": os.getloadavg()},
         "stage_s": times,
+        "precision": precisions,
         "metrics": {k: float(metrics[k]) for k in (*SCORES, *EXTRA_SCORES) if k in metrics},
         "artifact": str(evaluation),
     }

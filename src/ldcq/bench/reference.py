@@ -59,46 +59,47 @@ def _train_row(rows: list[dict], family: str, stage: str) -> dict[str, Any]:
     return next(r for r in rows if r["family"] == family and r["stage"] == stage)
 
 
-def speedups(report: dict) -> list[dict[str, Any]]:
-    """One row per measure: the reference mode's figure, ours, and ours over the reference."""
+def _batch(row: dict) -> str:
+    return f"B={row['batch']}" + (f", K={row['K']}" if "K" in row else "")
+
+
+def _sampled(row: dict) -> str:
+    return f"{row['sampler']}, K={row['K']}"
+
+
+def _measures(report: dict, key: str) -> tuple[dict, dict, str, str, Any]:
+    """(our row, the reference's row, the field compared, its unit, how a row's setting reads)."""
     ref = report["reference"]
-    family = ref["family"]
+    if key in ("skill_vae", "latent_bcq"):
+        ours = _train_row(report["train"], ref["family"], key)
+        base = _train_row(ref["train"], ref["family"], key)
+        if key == "skill_vae":
+            return ours, base, "samples_per_s", "windows/s", _batch
+        return ours, base, "steps_per_s", "updates/s", _batch
+    if key == "bank":
+        return report["bank"], ref["bank"], "latents_per_s", "latents/s", _sampled
+    ours, base = (next(r for r in x["latency"]["rows"] if r["envs"] == 1) for x in (report, ref))
+    return ours, base, "replan_ms", "ms", _sampled
+
+
+def speedups(report: dict) -> list[dict[str, Any]]:
+    """One row per measure: the reference mode's figure, ours, and ours over the reference (a
+    time's ratio the other way round, so a speedup is always above 1 when we are faster)."""
     out = []
     for key, label, target in SPEEDUPS:
-        if key in ("skill_vae", "latent_bcq"):
-            ours = _train_row(report["train"], family, key)
-            base = _train_row(ref["train"], family, key)
-            unit = "windows/s" if key == "skill_vae" else "updates/s"
-            field = "samples_per_s" if key == "skill_vae" else "steps_per_s"
-            row = {
+        ours, base, field, unit, setting = _measures(report, key)
+        ratio = ours[field] / base[field]
+        out.append(
+            {
+                "measure": key,
+                "label": label,
+                "target": target,
                 "reference": base[field],
                 "ours": ours[field],
                 "unit": unit,
-                "speedup": ours[field] / base[field],
-                "setting": f"B={ours['batch']}" + (f", K={ours['K']}" if "K" in ours else ""),
-                "reference_setting": f"B={base['batch']}"
-                + (f", K={base['K']}" if "K" in base else ""),
+                "speedup": 1.0 / ratio if unit == "ms" else ratio,
+                "setting": setting(ours),
+                "reference_setting": setting(base),
             }
-        elif key == "bank":
-            ours, base = report["bank"], ref["bank"]
-            row = {
-                "reference": base["latents_per_s"],
-                "ours": ours["latents_per_s"],
-                "unit": "latents/s",
-                "speedup": ours["latents_per_s"] / base["latents_per_s"],
-                "setting": f"{ours['sampler']}, K={ours['K']}",
-                "reference_setting": f"{base['sampler']}, K={base['K']}",
-            }
-        else:
-            ours = next(r for r in report["latency"]["rows"] if r["envs"] == 1)
-            base = next(r for r in ref["latency"]["rows"] if r["envs"] == 1)
-            row = {
-                "reference": base["replan_ms"],
-                "ours": ours["replan_ms"],
-                "unit": "ms",
-                "speedup": base["replan_ms"] / ours["replan_ms"],
-                "setting": f"K={ours['K']}",
-                "reference_setting": f"K={base['K']}",
-            }
-        out.append({"measure": key, "label": label, "target": target, **row})
+        )
     return out

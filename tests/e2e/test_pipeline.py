@@ -223,7 +223,7 @@ def test_pipeline_under_ddp_two_cpu_processes(tiny_maze, tmp_path):
     assert np.load(bank, mmap_mode="r").shape == (transitions, 4, 16)
 
 
-def test_pipeline_in_bf16_mixed_precision(tiny_maze, tmp_path):
+def test_pipeline_in_bf16_mixed_precision(tiny_maze, tmp_path, capsys):
     # The shared precision reaches every stage that does not set its own; the latent bank samples
     # in the prior's; each artifact's spec.json says which and why.
     overrides = [*tiny_overrides(tmp_path, dataset="pointmaze-umaze"), "evaluation.pictures=false"]
@@ -242,6 +242,16 @@ def test_pipeline_in_bf16_mixed_precision(tiny_maze, tmp_path):
     assert used["latent_bcq"] == ("32-true", "set in the config")
     for stage in ("skill_vae", "diffusion_prior", "latent_bank", "evaluation"):
         assert used[stage] == ("bf16-mixed", "set in the config"), stage
+    # ... and the run summary says so.
+    from ldcq.cli import _print_summary
+
+    _print_summary(cfg, results)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert (
+        "precision of skill_vae, diffusion_prior, latent_bank, evaluation: bf16-mixed: set in "
+        "the config" in printed
+    )
+    assert "precision of latent_bcq: 32-true: set in the config" in printed
 
 
 @pytest.mark.parametrize("pipeline", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml")))

@@ -59,7 +59,7 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
     ]
     for schedule in schedules:
         names = [r["name"] for r in schedule["samplers"]]
-        assert names == ["DDPM T=10+5", "DDIM 2", "DDIM 5"]
+        assert names == ["DDPM T=10+5", "DDIM 2", "DDIM 5", "DPM-Solver++ 5"]
     assert loaded["bank"]["bytes_per_sample"] == 32 and loaded["bank"]["memory_mapped"]
     assert {(r["batch"], r["K"]) for r in loaded["q_learning"]["rows"]} == {(16, 4)}
     assert all(r["replay_ms_per_update"] > 0 for r in loaded["q_learning"]["rows"])

@@ -77,6 +77,7 @@ class BenchConfig:
     mmd_bandwidth: float = 2.0
     ddpm_extra_steps: int = 5
     ddim_steps: tuple[int, ...] = (2, 3, 5, 10, 20)
+    dpmpp_steps: tuple[int, ...] = (5, 10)  # DPM-Solver++(2M) step counts beside DDIM's
     # The configured noise schedule is always measured; these are compared beside it.
     schedules: tuple[str, ...] = ("linear", "cosine")
     throughput_states: int = 64
@@ -134,6 +135,7 @@ class BenchConfig:
             "quality_states": 8,
             "quality_samples": 8,
             "ddim_steps": (2, 5),
+            "dpmpp_steps": (5,),
             "throughput_states": 4,
             "throughput_samples": 8,
             "bank_states": 128,

@@ -23,15 +23,18 @@ def targets(report: dict) -> list[dict[str, Any]]:
 
 def _configured_quality(sampling: dict) -> str:
     """Whether the configured sampler's samples are as good as DDPM's (the bench's MMD check)."""
+    from ldcq.bench.sections.sampling import sampler_name
+
     kind, _, steps = sampling["configured"].partition(" ")
-    if kind != "ddim":
+    if kind == "ddpm":
         return "the configured sampler is DDPM itself"
     schedule = next(s for s in sampling["schedules"] if s["configured"])
-    rows = [r for r in schedule["samplers"] if r["name"] == f"DDIM {steps}"]
+    name = sampler_name(kind, int(steps), 0, 0)
+    rows = [r for r in schedule["samplers"] if r["name"] == name]
     if not rows:
-        return f"DDIM {steps}'s quality not measured (not in --ddim_steps)"
+        return f"{name}'s quality not measured (not in --ddim_steps / --dpmpp_steps)"
     equal = "equal to" if rows[0]["equal_quality"] else "NOT equal to"
-    return f"DDIM {steps} samples {equal} DDPM's by MMD² ({schedule['schedule']} schedule)"
+    return f"{name} samples {equal} DDPM's by MMD² ({schedule['schedule']} schedule)"
 
 
 def _speedup_target(row: dict, sampling: dict) -> dict[str, Any]:
@@ -76,15 +79,15 @@ def _replay_target(q_learning: dict) -> dict[str, Any]:
 
 
 def _sampler_target(schedule: dict) -> dict[str, Any]:
-    """The few-step target for the prior trained with one noise schedule: the fastest DDIM step
-    count whose samples are as good as DDPM's."""
-    ddpm, ddim = schedule["samplers"][0], schedule["samplers"][1:]
-    equal = [r for r in ddim if r["equal_quality"]]
+    """The few-step target for the prior trained with one noise schedule: the fastest few-step
+    sampler (DDIM or DPM-Solver++, any step count) whose samples are as good as DDPM's."""
+    ddpm, few = schedule["samplers"][0], schedule["samplers"][1:]
+    equal = [r for r in few if r["equal_quality"]]
     fastest = max(equal, key=lambda r: r["speedup"]) if equal else None
     if fastest is None:
-        closest = min(ddim, key=lambda r: r["mmd2_excess"])
+        closest = min(few, key=lambda r: r["mmd2_excess"])
         result = (
-            f"no DDIM step count reaches DDPM's quality (MMD² {ddpm['mmd2']:.4f}); closest "
+            f"no few-step sampler reaches DDPM's quality (MMD² {ddpm['mmd2']:.4f}); closest "
             f"{closest['name']} at {closest['mmd2']:.4f}, {closest['speedup']:.1f}× DDPM"
         )
     else:

@@ -8,6 +8,7 @@ from ldcq.models.diffusion import (
     ddim_timesteps,
     sample_ddim,
     sample_ddpm,
+    sample_dpmpp,
     sample_prior,
     x0_loss,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "gaussian_nll",
     "sample_ddim",
     "sample_ddpm",
+    "sample_dpmpp",
     "sample_prior",
     "sinusoidal_embedding",
     "x0_loss",

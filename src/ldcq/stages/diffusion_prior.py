@@ -45,8 +45,9 @@ class LatentDiffusionPrior(L.LightningModule):
         num_steps: T. schedule: ``linear`` (official, β 1e-4→0.02) or ``cosine``.
         snr_gamma: γ of the Min-SNR-γ weighting.
         lr, weight_decay: Adam settings. ema_decay: per-step EMA decay of the denoiser weights.
-        sampler: ``ddim`` (few-step) or ``ddpm`` (the reference ancestral sampler).
-        sampling_steps: DDIM steps. extra_steps: extra denoising steps at t = 1.
+        sampler: ``ddim`` (few-step), ``dpmpp`` (DPM-Solver++(2M), few-step, second order) or
+            ``ddpm`` (the reference ancestral sampler over all T steps).
+        sampling_steps: DDIM or DPM-Solver++ steps (denoiser calls). extra_steps: extra denoising steps at t = 1.
     """
 
     def __init__(
@@ -64,7 +65,7 @@ class LatentDiffusionPrior(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sampler: Literal["ddim", "dpmpp", "ddpm"] = "ddim",
         sampling_steps: int = 10,
         extra_steps: int = 0,
     ) -> None:

@@ -127,6 +127,7 @@ def _sampler_rows(
     t_steps = int(prior.hparams.num_steps)
     samplers = [("ddpm", t_steps, cfg.ddpm_extra_steps)]
     samplers += [("ddim", n, 0) for n in cfg.ddim_steps]
+    samplers += [("dpmpp", n, 0) for n in cfg.dpmpp_steps]
     rows, per_state = [], []
     for sampler, steps, extra in samplers:
         settings = {"sampler": sampler, "sampling_steps": steps, "extra_steps": extra}
@@ -142,7 +143,7 @@ def _sampler_rows(
         evals = t_steps if sampler == "ddpm" else len(ddim_timesteps(t_steps, steps))
         rows.append(
             {
-                "name": f"DDPM T={t_steps}+{extra}" if sampler == "ddpm" else f"DDIM {steps}",
+                "name": sampler_name(sampler, steps, t_steps, extra),
                 "sampler": sampler,
                 "steps": steps,
                 "denoiser_calls": evals + extra,
@@ -159,6 +160,13 @@ def _sampler_rows(
         row["equal_quality"] = bool(row["mmd2_excess"] <= 2 * row["mmd2_excess_se"])
         row["speedup"] = row["latents_per_s"] / rows[0]["latents_per_s"]
     return rows
+
+
+def sampler_name(sampler: str, steps: int, t_steps: int, extra: int) -> str:
+    """A sampler's row name: "DDPM T=100+5", "DDIM 10", "DPM-Solver++ 10"."""
+    if sampler == "ddpm":
+        return f"DDPM T={t_steps}+{extra}"
+    return f"{'DDIM' if sampler == 'ddim' else 'DPM-Solver++'} {steps}"
 
 
 def _se(x: Tensor) -> float:

@@ -98,6 +98,13 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
 
     console = Console(record=True, width=150)
     print_report(loaded, console)
+    # make results renders the speedups of a committed report, one row per measure.
+    from ldcq.bench.results import speed
+
+    rendered = speed([path])
+    for r in loaded["speedups"]:
+        assert f"| {r['label']} | " in rendered and f"| {r['speedup']:.1f}× | ≥ " in rendered
+    assert "no benchmark is recorded" in speed([]).lower()
     printed = console.export_text()
     assert "Targets" in printed and "over the reference mode" in printed
     assert "official" not in printed.split("Targets")[-1].lower()  # no quoted constants

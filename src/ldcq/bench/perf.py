@@ -52,6 +52,7 @@ import lightning as L
 import torch
 from rich.console import Console
 
+from ldcq.artifacts import git_sha
 from ldcq.bench.config import DATASET_STEPS, PRECISIONS, BenchConfig, parse_cli
 from ldcq.bench.measure import (
     busy_cpu_s,
@@ -193,6 +194,7 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
         "torch_threads": cfg.threads or torch.get_num_threads(),
         "precision": cfg.precision,
         "scale": cfg.scale,
+        "git_sha": git_sha(),
         "torch": torch.__version__,
         "lightning": L.__version__,
         "load_avg_start": list(os.getloadavg()),
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except LdcqError as exc:
         print(f"ldcq bench: error: {exc}", file=sys.stderr)
         return 2
+    report["meta"]["command"] = " ".join(["python -m ldcq.bench.perf", *(argv or sys.argv[1:])])
     path = write_report(report, out_dir)
     print_report(report, console)
     console.print(f"wrote {path} ({report['meta']['elapsed_s']:.0f} s)")

@@ -18,6 +18,7 @@ samples of that state against the broadcast context: the only Python loop is ove
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -309,29 +310,15 @@ def sample_prior(
     `num_inference_steps` applies to "ddim" and "dpmpp", `eta` to "ddim" only; "ddpm" always
     runs all T steps.
     """
+    args = (denoiser, states, num_samples, schedule, generator)
     if sampler == "ddpm":
-        return sample_ddpm(denoiser, states, num_samples, schedule, generator, extra_steps, clip_x0)
-    if sampler == "ddim":
-        return sample_ddim(
-            denoiser,
-            states,
-            num_samples,
-            schedule,
-            generator,
-            num_inference_steps,
-            eta,
-            extra_steps,
-            clip_x0,
-        )
-    if sampler == "dpmpp":
-        return sample_dpmpp(
-            denoiser,
-            states,
-            num_samples,
-            schedule,
-            generator,
-            num_inference_steps,
-            extra_steps,
-            clip_x0,
+        return sample_ddpm(*args, extra_steps=extra_steps, clip_x0=clip_x0)
+    few_step = {"ddim": partial(sample_ddim, eta=eta), "dpmpp": sample_dpmpp}
+    if sampler in few_step:
+        return few_step[sampler](
+            *args,
+            num_inference_steps=num_inference_steps,
+            extra_steps=extra_steps,
+            clip_x0=clip_x0,
         )
     raise ValueError(f"sample_prior: unknown sampler {sampler!r}; valid samplers are {SAMPLERS}.")

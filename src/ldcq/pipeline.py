@@ -32,6 +32,7 @@ from ldcq.config import without_neutral
 from ldcq.data.datamodules import load_episodes
 from ldcq.errors import ConfigError
 from ldcq.locking import ArtifactLock, RunLock
+from ldcq.precision import on_cpu
 from ldcq.precision import resolve as resolve_precision
 from ldcq.process import barrier, global_rank, say
 from ldcq.stages.clock import StageClock
@@ -85,7 +86,9 @@ class Context:
         (``auto``: bf16-mixed where the hardware has native bf16, see :mod:`ldcq.precision`)."""
         own = self.stage_cfg(stage).get("trainer", {}).get("precision")
         if own is None and stage in PRECISION_FROM:
-            return self.precision(PRECISION_FROM[stage])
+            inherited = self.precision(PRECISION_FROM[stage])
+            # The evaluation's policy runs on this CPU, whatever device sampled the bank.
+            return on_cpu(*inherited) if stage == "evaluation" else inherited
         merged = self._merged_trainer(stage)
         value = own if own is not None else merged.get("precision")
         return resolve_precision(value or "auto", merged.get("accelerator"))

@@ -23,7 +23,10 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bf16-mixed": torch.bfloat16,
     "16-mixed": torch.float16,
 }
-VALID = (AUTO, *DTYPES)
+# Lightning's other names: the short aliases it maps to ours, and precisions without autocast.
+ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+OTHER = ("64-true", "bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")
+VALID = (AUTO, *DTYPES, *OTHER)
 # CPU capability flags (torch.cpu.get_capabilities()) that mean a native bf16 matmul.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -64,15 +67,16 @@ def _cpu_flags() -> set[str]:
 def resolve(precision: Any, accelerator: str | None) -> tuple[str, str]:
     """The concrete precision for ``precision`` (``auto`` or a Lightning name) on
     ``accelerator``, and why it was chosen."""
-    value = str(precision)
+    value = ALIASES.get(str(precision), str(precision))
     if value not in VALID:
         raise ConfigError(
             f"trainer.precision={value!r} is not a precision; valid values are {list(VALID)}"
         )
     device = target_device(accelerator)
-    if value == "16-mixed" and device != "cuda":
+    gpu_only = value in ("16-mixed", "16-true") or value.startswith("transformer-engine")
+    if gpu_only and device != "cuda":
         raise ConfigError(
-            "trainer.precision=16-mixed needs a CUDA GPU; on a CPU use bf16-mixed or auto"
+            f"trainer.precision={value} needs a CUDA GPU; on a CPU use bf16-mixed or auto"
         )
     if value != AUTO:
         return value, "set in the config"
@@ -80,15 +84,19 @@ def resolve(precision: Any, accelerator: str | None) -> tuple[str, str]:
     return ("bf16-mixed" if native else "32-true"), f"auto: {found}"
 
 
-def resolve_trainer(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Lightning Trainer arguments with ``precision`` made concrete (``auto`` when unset)."""
-    concrete, _ = resolve(kwargs.get("precision") or AUTO, kwargs.get("accelerator"))
-    return {**kwargs, "precision": concrete}
+def on_cpu(precision: str, reason: str) -> tuple[str, str]:
+    """A concrete precision chosen for another device (the GPU that sampled the bank) as this
+    CPU runs it: bf16-mixed only where bf16 is native here, else 32-true."""
+    if precision == "32-true" or (precision == "bf16-mixed" and native_bf16("cpu")[0]):
+        return precision, reason
+    why = native_bf16("cpu")[1] if precision == "bf16-mixed" else "it needs a GPU"
+    return "32-true", f"{precision} inherited, but the policy runs on this CPU and {why}"
 
 
 def autocast(precision: str, device: torch.device | str):
-    """The autocast context of a concrete ``precision`` on ``device`` (none for ``32-true``)."""
-    dtype = DTYPES[precision]
+    """The autocast context of a concrete ``precision`` on ``device`` (none for ``32-true`` and
+    for Lightning's ``-true`` precisions, which cast the weights instead)."""
+    dtype = DTYPES.get(precision)
     if dtype is None:
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -72,8 +72,8 @@ def test_bench_reports_every_section_with_finite_numbers(tmp_path, one_thread):
         "32-true",
         "bf16-mixed",
     )
-    assert ref["bank"]["sampler"].startswith("ddpm") and ref["bank"]["transitions"] == 16
-    assert [r["sampler"] for r in ref["latency"]["rows"]] == ["ddpm 10+5"]
+    assert ref["bank"]["sampler"] == "DDPM T=10+5" and ref["bank"]["transitions"] == 16
+    assert [r["sampler"] for r in ref["latency"]["rows"]] == ["DDPM T=10+5"]
     assert [(r["stage"], r["batch"]) for r in ref["train"]] == [
         ("skill_vae", 128),
         ("latent_bcq", 128),
@@ -128,6 +128,9 @@ def test_bench_config_refuses_what_cannot_run():
         BenchConfig(precision="16-mixed").check()
     with pytest.raises(ConfigError, match="valid values"):
         BenchConfig(precision="fp8").check()
+    with pytest.raises(ConfigError, match="1-env re-plan; add 1 or pass --reference false"):
+        BenchConfig(envs=(64,)).check()
+    BenchConfig(envs=(64,), reference=False).check()
     with pytest.raises(ConfigError, match="valid families"):
         BenchConfig(families=("kitchen",)).check()
 

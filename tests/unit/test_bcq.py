@@ -286,7 +286,8 @@ def test_compiled_target_scoring_matches_eager_and_a_failed_compile_warns_once(m
 
     def broken_compile(fn, **kwargs):
         def run(*a, **kw):
-            raise RuntimeError("InductorError: no C++ compiler found\nlong traceback")
+            inner = RuntimeError("no C++ compiler found\nlong traceback")
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", inner, None)
 
         return run
 
@@ -301,7 +302,24 @@ def test_compiled_target_scoring_matches_eager_and_a_failed_compile_warns_once(m
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # eager from then on: no second warning
         failing.td_targets(batch)
-    assert failing._target_score.failed.startswith("RuntimeError: InductorError")
+    assert failing._target_score.failed.startswith("BackendCompilerFailed")
+    # A compiled function that ran before and then raises is a real error: no fallback.
+    state = {"calls": 0}
+
+    def compiled_then_fails(fn, **kwargs):
+        def run(*a, **kw):
+            state["calls"] += 1
+            if state["calls"] > 1:
+                raise RuntimeError("shape mismatch")
+            return fn(*a, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiled_then_fails)
+    real = _module(compile=True)
+    real.td_targets(batch)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        real.td_targets(batch)
     # A copy (as a checkpoint or DDP makes) holds no compiled function and compiles anew.
     import copy
 

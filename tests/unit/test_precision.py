@@ -48,8 +48,8 @@ def test_auto_on_a_gpu_needs_bf16_that_is_not_emulated(monkeypatch):
 def test_an_explicit_precision_is_kept_and_a_wrong_one_is_refused(monkeypatch):
     _cpu_caps(monkeypatch, avx512_bf16=True)
     assert precision.resolve("32-true", "cpu") == ("32-true", "set in the config")
-    with pytest.raises(ConfigError, match=r"trainer.precision='bf16'.*valid values"):
-        precision.resolve("bf16", "cpu")
+    with pytest.raises(ConfigError, match=r"trainer.precision='fp8'.*valid values"):
+        precision.resolve("fp8", "cpu")
     with pytest.raises(ConfigError, match="16-mixed needs a CUDA GPU"):
         precision.resolve("16-mixed", "cpu")
 
@@ -117,3 +117,23 @@ def test_the_policy_samples_in_its_precision_and_returns_fp32_latents():
     assert seen[-1] is None
     with pytest.raises(ConfigError, match="precision='fp8'"):
         LDCQPolicy(VAE(), Prior(), Q(), precision="fp8")
+
+
+def test_the_evaluation_runs_the_inherited_precision_only_where_this_cpu_can(monkeypatch):
+    # The bank may have been sampled on a GPU; the policy always runs on this CPU.
+    _cpu_caps(monkeypatch)  # no native bf16 here
+    ctx = _ctx(["trainer.precision=bf16-mixed"])
+    assert ctx.precision("latent_bank") == ("bf16-mixed", "set in the config")
+    concrete, why = ctx.precision("evaluation")
+    assert concrete == "32-true" and "no native bf16" in why
+    _cpu_caps(monkeypatch, amx_bf16=True)
+    assert ctx.precision("evaluation") == ("bf16-mixed", "set in the config")
+
+
+def test_lightnings_other_precision_names_pass_through(monkeypatch):
+    _cpu_caps(monkeypatch)
+    assert precision.resolve("bf16", "cpu") == ("bf16-mixed", "set in the config")
+    assert precision.resolve("32", "cpu")[0] == "32-true"
+    assert precision.resolve("64-true", "cpu")[0] == "64-true"
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        precision.resolve("16-true", "cpu")

@@ -155,6 +155,11 @@ class BenchConfig:
             raise ConfigError("--precision 16-mixed needs --device cuda; use bf16-mixed on a CPU")
         if self.reference_bank_states < 1:
             raise ConfigError("--reference_bank_states must be >= 1")
+        if self.reference and 1 not in self.envs:
+            raise ConfigError(
+                f"--envs {list(self.envs)}: the reference mode compares a 1-env re-plan; add 1 "
+                f"or pass --reference false"
+            )
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
             raise ConfigError(f"--families {unknown}: valid families are {list(FAMILIES)}")

@@ -100,6 +100,7 @@ def speedups(report: dict) -> list[dict[str, Any]]:
                 "speedup": 1.0 / ratio if unit == "ms" else ratio,
                 "setting": setting(ours),
                 "reference_setting": setting(base),
+                "sampler": ours.get("sampler"),
             }
         )
     return out

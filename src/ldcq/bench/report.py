@@ -21,15 +21,12 @@ def targets(report: dict) -> list[dict[str, Any]]:
     return lines + [_speedup_target(r, report["sampling"]) for r in report.get("speedups", [])]
 
 
-def _configured_quality(sampling: dict) -> str:
-    """Whether the configured sampler's samples are as good as DDPM's (the bench's MMD check)."""
-    from ldcq.bench.sections.sampling import sampler_name
-
-    kind, _, steps = sampling["configured"].partition(" ")
-    if kind == "ddpm":
-        return "the configured sampler is DDPM itself"
+def _quality(sampling: dict, name: str) -> str:
+    """Whether sampler ``name``'s samples are as good as DDPM's by the bench's MMD check, for the
+    prior trained with the configured schedule."""
+    if name.startswith("DDPM"):
+        return "DDPM itself"
     schedule = next(s for s in sampling["schedules"] if s["configured"])
-    name = sampler_name(kind, int(steps), 0, 0)
     rows = [r for r in schedule["samplers"] if r["name"] == name]
     if not rows:
         return f"{name}'s quality not measured (not in --ddim_steps / --dpmpp_steps)"
@@ -42,8 +39,8 @@ def _speedup_target(row: dict, sampling: dict) -> dict[str, Any]:
         f"{row['speedup']:.1f}×: {_g(row['ours'])} vs {_g(row['reference'])} {row['unit']} "
         f"({row['setting']} vs {row['reference_setting']})"
     )
-    if row["measure"] in ("bank", "replan"):
-        result += f"; {_configured_quality(sampling)}"
+    if row.get("sampler"):
+        result += f"; {_quality(sampling, row['sampler'])}"
     return {
         "target": f"{row['label']} ≥ {row['target']:.0f}× the reference mode",
         "result": result,

@@ -320,9 +320,9 @@ def speed(files: Sequence[Path]) -> str:
     out = []
     for path in files:
         report = json.loads(path.read_text())
-        meta, peak = report["meta"], report["peak"]["gflops"]
-        if "speedups" not in report:
+        if "speedups" not in report:  # a report made with --reference false
             continue
+        meta, peak = report["meta"], report["peak"]["gflops"]
         peaks = ", ".join(f"{k} {v:,.0f}" for k, v in peak.items())
         out += [
             f"**{meta['date'][:10]}, {meta['device']} ({meta['device_name']}, "

@@ -51,7 +51,7 @@ class LDCQPolicy:
         seed: int = 0,
         precision: str = "32-true",
     ) -> None:
-        if precision not in DTYPES:
+        if precision not in DTYPES:  # Lightning's -true precisions cast weights, not the policy
             raise ConfigError(f"precision={precision!r}: valid values are {list(DTYPES)}")
         if selector not in SELECTORS:
             raise ConfigError(f"evaluation.selector={selector!r}: valid selectors are {SELECTORS}")

@@ -13,6 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
+
+# What a backend that cannot compile raises, at the first call or at a recompile: Dynamo's errors
+# (Inductor's usually arrive wrapped in BackendCompilerFailed) and Inductor's own.
+COMPILE_ERRORS: tuple[type[Exception], ...] = (
+    torch._dynamo.exc.TorchDynamoException,
+    torch._inductor.exc.InductorError,
+    torch._inductor.exc.CppCompileError,
+)
 
 
 class CompiledOrEager:
@@ -39,22 +49,30 @@ class CompiledOrEager:
             return self.fn(*args, **kwargs)
         first = self._compiled is None
         try:
-            if first:
+            if first:  # refuses platforms it does not support (RuntimeError) at once
                 self._compiled = torch.compile(self.fn, dynamic=False)
             start = time.perf_counter()
             out = self._compiled(*args, **kwargs)
-            if first:
-                self.compile_s = time.perf_counter() - start
-            return out
-        except Exception as exc:  # any backend failure means: run eagerly
-            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            warnings.warn(
-                f"{self.option}: torch.compile failed ({self.failed[:300]}); running eagerly. "
-                f"Set {self.option}=false to skip the attempt",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return self.fn(*args, **kwargs)
+        except COMPILE_ERRORS as exc:
+            return self._fall_back(exc, *args, **kwargs)
+        except RuntimeError as exc:
+            if not first:
+                raise  # a compiled call that ran before: a real error, not the compiler's
+            return self._fall_back(exc, *args, **kwargs)
+        if first:
+            self.compile_s = time.perf_counter() - start
+        return out
+
+    def _fall_back(self, exc: Exception, *args: Any, **kwargs: Any) -> Any:
+        """Warn once and run eagerly from now on; the eager call raises a real error again."""
+        self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(
+            f"{self.option}: torch.compile failed ({self.failed[:300]}); running eagerly. "
+            f"Set {self.option}=false to skip the attempt",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return self.fn(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # A compiled function does not pickle or copy: a copy compiles again when called.

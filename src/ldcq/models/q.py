@@ -51,14 +51,21 @@ class QNetwork(nn.Module):
             state_feats = state_feats.unsqueeze(-2)
         f_z = self.latent_branch(latents)
         h = state_feats + F.linear(f_z, self.head_in.weight[:, self.state_hidden :])
-        return self.head(h).squeeze(-1)
+        return self._value(self.head[:-1](h))
 
     def forward(self, states: Tensor, latents: Tensor) -> Tensor:
         """states (B, S), latents (B, Z) -> Q values (B,); any matching leading dims work."""
         h = self.state_features(states) + F.linear(
             self.latent_branch(latents), self.head_in.weight[:, self.state_hidden :]
         )
-        return self.head(h).squeeze(-1)
+        return self._value(self.head[:-1](h))
+
+    def _value(self, h: Tensor) -> Tensor:
+        """The output layer, always in fp32: under bf16 autocast a value near 100 would be
+        rounded to steps of 0.5, and the argmax over K candidates would pick among ties."""
+        out = self.head[-1]
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), out.weight.float(), out.bias.float()).squeeze(-1)
 
 
 class TwinQ(nn.Module):

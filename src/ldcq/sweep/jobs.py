@@ -80,6 +80,7 @@ def run_job(job: SweepJob) -> list[dict[str, Any]]:
                     pipeline, job.scale, selector, [*job.overrides, "evaluation.diagnostics=true"]
                 ),
                 "fingerprints": {s: r.artifact.fingerprint for s, r in results.items()},
+                "precision": {s: r.artifact.spec.get("precision") for s, r in results.items()},
                 "metrics": {k: float(v) for k, v in evaluation.metrics.items()},
                 "stage_s": {
                     s: None if r.skipped else r.artifact.spec.get("seconds")

@@ -13,6 +13,7 @@ import torch
 
 from ldcq.bench.config import BenchConfig
 from ldcq.bench.measure import best_time, load_family, rss_mb, trainer_kwargs
+from ldcq.bench.sections.sampling import sampler_name
 from ldcq.stages.latent_bank import generate_bank, open_bank
 
 
@@ -47,9 +48,12 @@ def section_bank(cfg: BenchConfig) -> dict[str, Any]:
         "family": fam.name,
         "transitions": n,
         "K": k,
-        "sampler": f"ddim {bank_cfg.sampling_steps}"
-        if bank_cfg.sampler == "ddim"
-        else f"ddpm {prior.hparams.num_steps}+{bank_cfg.extra_steps}",
+        "sampler": sampler_name(
+            bank_cfg.sampler,
+            int(bank_cfg.sampling_steps),
+            int(prior.hparams.num_steps),
+            int(bank_cfg.extra_steps),
+        ),
         "seconds": seconds,
         "latents_per_s": n * k / seconds,
         "bytes_per_sample": 2 * fam.Z,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ldcq.bench.config import BenchConfig
 from ldcq.bench.measure import autocast, load_family, sync
+from ldcq.bench.sections.sampling import sampler_name
 from ldcq.evaluation.policy import LDCQPolicy
 from ldcq.stages.registry import TRAINED
 
@@ -39,9 +40,9 @@ def section_latency(cfg: BenchConfig) -> dict[str, Any]:
                     "step_ms": step_s * 1e3,
                     "amortized_step_ms": (replan_s + (every - 1) * step_s) / every * 1e3,
                     "source": source,
-                    "sampler": f"{hp.sampler} {hp.sampling_steps}"
-                    if hp.sampler == "ddim"
-                    else f"ddpm {hp.num_steps}+{hp.extra_steps}",
+                    "sampler": sampler_name(
+                        hp.sampler, hp.sampling_steps, hp.num_steps, hp.extra_steps
+                    ),
                 }
             )
     return {"rows": rows}

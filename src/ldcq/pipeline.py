@@ -181,6 +181,7 @@ def _fit(ctx: Context, stage: str, built: Built, work: Path, run_id: str | None,
 
 def _common_spec(ctx: Context, stage: str, fp: str) -> dict[str, Any]:
     cfg = ctx.stage_cfg(stage)
+    precision, reason = ctx.precision(stage)
     return {
         "fingerprint": fp,
         "dataset": ctx.dataset,
@@ -189,8 +190,8 @@ def _common_spec(ctx: Context, stage: str, fp: str) -> dict[str, Any]:
         "config_hash": fingerprint(cfg),
         "pipeline": ctx.cfg.name,
         "seconds": ctx.stage_seconds(),
-        "precision": ctx.precision(stage)[0],
-        "precision_reason": ctx.precision(stage)[1],
+        "precision": precision,
+        "precision_reason": reason,
     }
 
 

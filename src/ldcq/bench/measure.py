@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldcq.bench.config import FAMILIES, PRECISIONS, BenchConfig
+from ldcq.bench.config import FAMILIES, BenchConfig
 from ldcq.bench.synthetic import Batch, SyntheticDataModule, pair_batch, skill_batch, transitions
 from ldcq.config import compose
 from ldcq.data.normalizer import Normalizer
+from ldcq.precision import autocast as precision_autocast
 from ldcq.process import drop_library_notices
 from ldcq.stages.latent_data import draw_transitions
 from ldcq.stages.registry import REGISTRY
@@ -78,8 +79,8 @@ def quiet() -> None:
 
 
 def autocast(cfg: BenchConfig):
-    dtype = PRECISIONS[cfg.precision]
-    return torch.autocast(cfg.device, dtype=dtype, enabled=dtype is not None)
+    """The autocast of the bench's (resolved) precision on its device."""
+    return precision_autocast(cfg.precision, cfg.device)
 
 
 def sync(device: str) -> None:

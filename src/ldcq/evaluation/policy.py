@@ -94,7 +94,7 @@ class LDCQPolicy:
             z = z.float()
             if self.selector == "prior":
                 return z[:, 0]
-            best = self.q.score(states, z).float().argmax(dim=1)
+            best = self.q.score(states, z).argmax(dim=1)  # fp32: Q's output layer is
         return z[torch.arange(len(z)), best]
 
     @torch.no_grad()

@@ -71,6 +71,21 @@ def test_a_bad_grid_is_one_clear_error_before_anything_trains(tmp_path, capsys, 
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_a_sweep_makes_a_missing_generated_dataset_first_and_records_nothing_if_it_fails(
+    minari_root, tmp_path, monkeypatch, capsys
+):
+    """Like bench-score, a sweep on a fresh machine generates its dataset before the first run;
+    a sweep whose runs all fail leaves no empty results file behind to be committed."""
+    import ldcq.sweep.run as sweep_run
+
+    asked = []
+    monkeypatch.setattr(sweep_run, "ensure_dataset", asked.append)  # generates nothing
+    assert main(_args(tmp_path, "skill_vae.model.beta=0.05,0.1", extra=["--no-tracking"])) == 2
+    assert asked == ["pointmaze-umaze"]  # once for the sweep, not once per run
+    assert "ldcq data generate pointmaze-umaze" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "sweeps").exists()
+
+
 @pytest.mark.parametrize("selectors", ["vae-prior", "q,bc"])
 def test_selectors_must_include_ldcq_and_be_known(tmp_path, capsys, selectors):
     assert main(_args(tmp_path, "horizon=4,5", extra=["--selectors", selectors])) == 2

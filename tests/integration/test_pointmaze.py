@@ -162,3 +162,27 @@ def test_an_older_dataset_version_is_refused_with_the_regenerate_command(dataset
     (datasets_dir / "ldcq" / "pointmaze" / "umaze-v0" / "data").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"generate pointmaze-umaze` \(the older .*umaze-v0"):
         read_episodes("pointmaze-umaze")
+
+
+def test_a_missing_generated_dataset_is_made_once_and_others_are_left_to_loading(
+    datasets_dir, monkeypatch
+):
+    """bench-score and sweep call ensure_dataset first, so a fresh machine needs no separate
+    `ldcq data generate` step; a downloaded dataset's id is not theirs to make."""
+    from ldcq.data import pointmaze
+
+    made = []
+
+    def fake_generate(name):
+        made.append(name)
+        (datasets_dir / dataset_id(name) / "data").mkdir(parents=True)
+        return dataset_id(name)
+
+    monkeypatch.setattr(pointmaze, "generate_dataset", fake_generate)
+    assert pointmaze.ensure_dataset("pointmaze-large") == "ldcq/pointmaze/large-v1"
+    assert pointmaze.ensure_dataset("ldcq/pointmaze/large-v1") is None  # stored: kept
+    assert pointmaze.ensure_dataset("ldcq/pointmaze/medium-dense-v1") == dataset_id(
+        "pointmaze-medium-dense"
+    )
+    assert pointmaze.ensure_dataset("D4RL/antmaze/large-diverse-v1") is None
+    assert made == ["pointmaze-large", "pointmaze-medium-dense"]

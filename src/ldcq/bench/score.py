@@ -41,6 +41,7 @@ from rich.table import Table
 
 from ldcq.artifacts import atomic_write_text, fingerprint, git_sha
 from ldcq.config import compose, without_neutral
+from ldcq.data.pointmaze import ensure_dataset
 from ldcq.errors import ConfigError, LdcqError
 from ldcq.precision import resolve_config
 from ldcq.stages import registry
@@ -62,13 +63,6 @@ def require_evaluation() -> tuple[str, ...]:
             f"have: its stages are {list(registry.STAGES)}. Update the checkout, then rerun"
         )
     return registry.STAGES
-
-
-def ensure_dataset(dataset: str) -> None:
-    """Generate a PointMaze dataset that is not there yet (downloaded ones say how to get them)."""
-    shown = subprocess.run([*_CLI, "data", "show", dataset], capture_output=True, text=True)
-    if shown.returncode != 0:
-        subprocess.run([*_CLI, "data", "generate", dataset], check=True)
 
 
 def _parent_run(cfg, started: float):

@@ -33,6 +33,7 @@ from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ldcq.data.minari_io import datasets_root
 from ldcq.data.names import (
     GENERATED_NAMES,
     NAMESPACE,
@@ -45,6 +46,7 @@ from ldcq.data.names import (
 )
 from ldcq.data.waypoints import WaypointController, cell_centre
 from ldcq.errors import DatasetError
+from ldcq.process import say
 
 # gymnasium_robotics prints a notice about Adroit envs to stderr on import; it concerns none of ours.
 with contextlib.redirect_stderr(io.StringIO()):
@@ -68,6 +70,7 @@ __all__ = [
     "MazeSpec",
     "UnknownDatasetName",
     "dataset_id",
+    "ensure_dataset",
     "generate_dataset",
     "make_eval_env",
     "name_for_id",
@@ -385,6 +388,19 @@ def generate_dataset(
     description = _description(name, spec, dense, steps, seed, episode_length)
     _write(id_, buffers, name, spec, dense, steps, ref_scores, ref_episodes, description)
     return id_
+
+
+def ensure_dataset(name_or_id: str) -> str | None:
+    """Generate ``name_or_id`` with its default recipe when it is one of ours and not stored yet;
+    return the id it generated, else None. Any other dataset is left to loading, which downloads
+    it or says how to get it."""
+    name = name_or_id if name_or_id in GENERATED_NAMES else name_for_id(name_or_id)
+    if name is None:
+        return None
+    if (datasets_root() / dataset_id(name) / "data").exists():
+        return None
+    say(f"dataset {name} is not there yet: generating it (`ldcq data generate {name}`)")
+    return generate_dataset(name)
 
 
 def _write(id_, buffers, name, spec, dense, steps, ref_scores, ref_episodes, description) -> None:

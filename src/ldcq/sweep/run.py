@@ -12,6 +12,7 @@ from typing import Any
 
 from ldcq.artifacts import atomic_write_text, fingerprint, git_sha
 from ldcq.config import compose
+from ldcq.data.pointmaze import ensure_dataset
 from ldcq.errors import ConfigError
 from ldcq.process import say
 from ldcq.sweep.compare import flat_summary, plot_key, summarize
@@ -127,8 +128,9 @@ class Sweep:
                 path = self.out_dir / f"{stem}.png"
                 title = f"{self.cfg.name} ({self.scale}): {key}, mean ± std over seeds"
                 data["plots"].append(str(plot_key(summary, key, keys, path, title)))
-        self.results.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.results, json.dumps(data, indent=2) + "\n")
+        if everything or self.results.is_file():  # a sweep that recorded nothing leaves no file
+            self.results.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.results, json.dumps(data, indent=2) + "\n")
         return data
 
 
@@ -192,6 +194,12 @@ def run_sweep(
             f"{len(pending)} to run"
         )
         if pending:
+            # Generated datasets are made here, once, before any run (as bench-score does).
+            points = dict.fromkeys((j.pipeline, j.scale, j.overrides) for j in pending)
+            for dataset in dict.fromkeys(
+                compose(Path(p), list(o), scale=s).dataset for p, s, o in points
+            ):
+                ensure_dataset(dataset)
             try:
                 keys = {j.key for j in jobs}
                 launch(pending, launcher, slurm or {}, sweep.work, lambda: sweep.write(keys))

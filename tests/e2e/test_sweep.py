@@ -120,6 +120,25 @@ def _runs(tmp_path):
     return client, client.search_runs([exp.experiment_id], max_results=500)
 
 
+def test_the_runs_go_seed_by_seed_so_a_cut_short_sweep_compares_every_value(tmp_path):
+    from ldcq.sweep.run import Sweep
+
+    sweep = Sweep(
+        PIPELINE,
+        {"horizon": [10, 20, 30]},
+        seeds=2,
+        scale="quick",
+        overrides=[f"checkpoints_dir={tmp_path / 'ckpt'}"],
+        out_dir=tmp_path / "sweeps",
+        track=False,
+    )
+    jobs = sweep.jobs(parent_run=None, shared=False)
+    assert [(j.seed, j.point["horizon"]) for j in jobs] == [
+        (0, 10), (0, 20), (0, 30), (1, 10), (1, 20), (1, 30)
+    ]  # fmt: skip
+    assert len({j.key for j in jobs}) == 6
+
+
 def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
     tiny_maze, tmp_path, capsys
 ):

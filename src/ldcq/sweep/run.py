@@ -52,11 +52,16 @@ class Sweep:
         self.results = self.out_dir / f"{self.name}.json"
 
     def jobs(self, parent_run: str | None, shared: bool) -> list[SweepJob]:
-        out = []
+        # Seed-major: every value at seed 0, then at seed 1, … A sweep cut short (a session that
+        # ends, a lost checkpoints folder) has compared every value on the same seeds so far, and
+        # the values that share upstream stages meet them while those are still on disk.
+        points = []
         for point in grid_points(self.grid):
             overrides = [*self.overrides, *point_to_overrides(point)]
-            point_id = point_key(self.pipeline, self.scale, overrides)  # composed once per point
-            for seed in range(self.seeds):
+            points.append((point, overrides, point_key(self.pipeline, self.scale, overrides)))
+        out = []
+        for seed in range(self.seeds):
+            for point, overrides, point_id in points:
                 key = f"{point_id}-seed{seed}"
                 out.append(
                     SweepJob(

@@ -162,3 +162,89 @@ def test_held_out_means_held_out_from_the_prior_too(dataset, vae):
         vae, prior, _data_cfg(dataset), prior_split=(0.2, disjoint), **kwargs
     )
     assert none.metrics == {} and "held out from both" in none.notes[0]
+
+
+# A dead end: the goal at the bottom left (row 3, col 0); the corridor of row 1 runs east to a
+# dead end at (1, 3), and the only way down is the column col 0.
+DEAD_END = np.array(
+    [
+        [1, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1],
+        [0, 1, 1, 1, 1],
+        [0, 1, 1, 1, 1],
+    ],
+    dtype=bool,
+)
+
+
+def test_maze_distances_count_moves_through_free_cells_only():
+    dist = diag.maze_distances(DEAD_END, (3, 0))
+    assert dist[1].tolist() == [2, 3, 4, 5, -1]
+    assert dist[:, 0].tolist() == [-1, 2, 1, 0]
+    assert (dist[DEAD_END] == -1).all()
+
+
+def _values(by_cell):
+    values = np.full(DEAD_END.shape, np.nan)
+    for cell, v in by_cell.items():
+        values[cell] = v
+    return values
+
+
+def test_a_value_that_rises_toward_the_goal_ascends_and_reaches_it_from_every_cell():
+    dist = diag.maze_distances(DEAD_END, (3, 0))
+    free = [tuple(c) for c in np.argwhere(dist >= 0)]
+    rising = _values({c: -float(dist[c]) for c in free})
+    assert diag.value_shape(rising, dist) == {
+        "diag/value_ascent_share": 1.0,
+        "diag/value_greedy_reach": 1.0,
+        "diag/value_cells": 5.0,
+    }
+
+
+def test_a_value_peaked_in_the_dead_end_traps_the_corridor():
+    # Credit that did not propagate: the corridor's value peaks at (1, 2), so walks from (1, 1),
+    # (1, 2) and (1, 3) stop there; (1, 3) still ascends locally (toward the peak), which is why
+    # the greedy walk is measured too.
+    dist = diag.maze_distances(DEAD_END, (3, 0))
+    values = _values(
+        {(3, 0): 10.0, (2, 0): 5.0, (1, 0): 1.0, (1, 1): 2.0, (1, 2): 3.0, (1, 3): 2.5}
+    )
+    shape = diag.value_shape(values, dist)
+    assert shape["diag/value_greedy_reach"] == pytest.approx(2 / 5)  # (2, 0) and (1, 0)
+    assert shape["diag/value_ascent_share"] == pytest.approx(3 / 5)  # and (1, 3)
+
+
+class _XYQ:
+    """A stand-in Q whose value at a state is minus its distance to the point ``target``."""
+
+    def __init__(self, target):
+        self.target = torch.as_tensor(target, dtype=torch.float32)
+
+    def score(self, states, latents):
+        value = -(states[:, :2] - self.target).norm(dim=1)
+        return value[:, None].expand(-1, latents.shape[1])
+
+
+class _ZeroPrior:
+    def sample(self, states, k, generator=None):
+        return torch.zeros(len(states), k, Z)
+
+
+def test_value_propagation_measures_the_q_at_every_free_cell_centre_against_the_paid_goal():
+    template = {
+        "observation": np.zeros(4),
+        "achieved_goal": np.zeros(2),
+        "desired_goal": np.zeros(2),
+    }
+    maze = MazeLayout(DEAD_END, 1.0, np.zeros(2), template)
+    goal = maze.cell_xy(np.array([3.5]), np.array([0.5]))[0]  # the centre of cell (3, 0)
+    maze = MazeLayout(DEAD_END, 1.0, goal, template)
+    near_goal = diag.value_propagation(_ZeroPrior(), _XYQ(goal), maze, ["observation"], 4)
+    # Straight-line closeness to the goal rises along the corridor and down the column: all ascend.
+    assert near_goal["diag/value_greedy_reach"] == 1.0
+    assert near_goal["diag/value_ascent_share"] == 1.0
+    # A Q that values the dead end (1, 3) instead traps every walk there.
+    dead_end = maze.cell_xy(np.array([1.5]), np.array([3.5]))[0]
+    trapped = diag.value_propagation(_ZeroPrior(), _XYQ(dead_end), maze, ["observation"], 4)
+    assert trapped["diag/value_greedy_reach"] == 0.0 and trapped["diag/value_ascent_share"] == 0.0

@@ -23,6 +23,14 @@ the training data's own, since support means the training data's support:
   each get K prior samples, whose end points the VAE's state decoder predicts; a data direction
   is covered when at least ``share`` of the pooled samples take it. Coverage is the covered share
   of the data's directions, averaged over junctions.
+
+And one of the Q-function (:func:`value_propagation`, mazes): has the goal's value propagated
+back through the maze? At the centre of every free cell, standing still, V(s) is the best of K
+prior latents' min(Q1, Q2), as in the Q map; the maze distance of a cell is its number of moves
+to the goal cell through free cells. A cell *ascends* when a neighbour one move closer to the goal
+has a higher V, and its *greedy walk* (to the free neighbour of highest V while that is higher
+than the current cell's) *reaches* the goal cell rather than stopping at a local maximum, where an
+agent following V would oscillate.
 """
 
 from __future__ import annotations
@@ -362,3 +370,93 @@ def plot_diagnostics(result: DiagnosticsResult, maze, path: str | Path) -> Path:
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+_MOVES = ((0, 1), (-1, 0), (0, -1), (1, 0))  # (row, col) steps to the east, north, west, south
+
+
+def maze_distances(walls: np.ndarray, goal: tuple[int, int]) -> np.ndarray:
+    """Moves from every free cell to ``goal`` through free cells (breadth first): ``(H, W)``
+    int, -1 on walls and on cells that cannot reach it."""
+    dist = np.full(walls.shape, -1, dtype=np.int64)
+    if walls[goal]:
+        return dist
+    dist[goal] = 0
+    frontier = [goal]
+    while frontier:
+        nxt = []
+        for r, c in frontier:
+            for dr, dc in _MOVES:
+                n = (r + dr, c + dc)
+                if (
+                    0 <= n[0] < walls.shape[0]
+                    and 0 <= n[1] < walls.shape[1]
+                    and not walls[n]
+                    and dist[n] < 0
+                ):
+                    dist[n] = dist[r, c] + 1
+                    nxt.append(n)
+        frontier = nxt
+    return dist
+
+
+def _neighbours(cell: tuple[int, int], dist: np.ndarray):
+    for dr, dc in _MOVES:
+        n = (cell[0] + dr, cell[1] + dc)
+        if 0 <= n[0] < dist.shape[0] and 0 <= n[1] < dist.shape[1] and dist[n] >= 0:
+            yield n
+
+
+def value_shape(values: np.ndarray, dist: np.ndarray) -> dict[str, float]:
+    """The two measures of :func:`value_propagation` for a value per cell ``values (H, W)`` (NaN
+    off the maze) and the maze distances ``dist`` of :func:`maze_distances`, over the cells that
+    can reach the goal, the goal cell aside."""
+    cells = [tuple(c) for c in np.argwhere(dist > 0)]
+    if not cells:
+        return {}
+    ascends = reaches = 0
+    for cell in cells:
+        ascends += any(
+            dist[n] == dist[cell] - 1 and values[n] > values[cell] for n in _neighbours(cell, dist)
+        )
+        here, seen = cell, {cell}
+        while dist[here] > 0:
+            best = max(_neighbours(here, dist), key=lambda n: values[n], default=None)
+            if best is None or not values[best] > values[here] or best in seen:
+                break
+            here = best
+            seen.add(here)
+        reaches += dist[here] == 0
+    return {
+        "diag/value_ascent_share": ascends / len(cells),
+        "diag/value_greedy_reach": reaches / len(cells),
+        "diag/value_cells": float(len(cells)),
+    }
+
+
+@torch.no_grad()
+def value_propagation(
+    prior,
+    q,
+    maze,
+    obs_keys,
+    num_samples: int = 50,
+    seed: int = 0,
+    sampling: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """``diag/value_ascent_share`` and ``diag/value_greedy_reach`` (module docstring) of the
+    trained ``q`` over ``prior``'s samples on ``maze`` (a :class:`~ldcq.evaluation.plots.MazeLayout`
+    whose goal is the one the evaluation pays at); ``sampling`` as in :func:`skill_diagnostics`."""
+    cells = np.argwhere(~maze.walls)
+    xy = maze.cell_xy(cells[:, 0] + 0.5, cells[:, 1] + 0.5)
+    states = torch.as_tensor(maze.states_at(xy, obs_keys))
+    generator = torch.Generator().manual_seed(seed)
+    sampler = _Sampling(prior, sampling or {})
+    best = [
+        q.score(chunk, sampler.sample(chunk, num_samples, generator)).max(dim=1).values
+        for chunk in states.split(_ROWS // 8)
+    ]
+    values = np.full(maze.walls.shape, np.nan)
+    values[cells[:, 0], cells[:, 1]] = torch.cat(best).float().numpy()
+    goal = tuple(int(i[0]) for i in cell_of(maze, maze.goal_xy[None]))
+    return value_shape(values, maze_distances(maze.walls, goal))

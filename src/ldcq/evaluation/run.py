@@ -15,7 +15,7 @@ import numpy as np
 from ldcq.artifacts import ArtifactParts, load_modules
 from ldcq.data.datamodules import load_episodes
 from ldcq.evaluation import plots
-from ldcq.evaluation.diagnostics import plot_diagnostics, skill_diagnostics
+from ldcq.evaluation.diagnostics import plot_diagnostics, skill_diagnostics, value_propagation
 from ldcq.evaluation.policy import LDCQPolicy
 from ldcq.evaluation.rollout import evaluate, evaluation_protocol
 from ldcq.process import say
@@ -55,6 +55,7 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     extra = {"rollouts.npz": work / "rollouts.npz"}
     maze = _maze(protocol, cfg["seed"]) if cfg["pictures"] or cfg["diagnostics"] else None
     if cfg["diagnostics"]:
+        sampling = {k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")}
         prior_data = ctx.stage_cfg("diffusion_prior")["data"]
         result = skill_diagnostics(
             modules["skill_vae"],
@@ -64,13 +65,25 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
             num_samples=cfg["num_samples"],
             seed=cfg["seed"],
             prior_split=(prior_data["val_fraction"], prior_data["seed"]),
-            sampling={k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")},
+            sampling=sampling,
         )
         metrics.update(result.metrics)
         for note in result.notes:
             say(f"evaluation diagnostics: {note}")
         if cfg["pictures"] and result.support:
             extra["diagnostics.png"] = plot_diagnostics(result, maze, work / "diagnostics.png")
+        if maze is not None:
+            metrics.update(
+                value_propagation(
+                    modules["diffusion_prior"],
+                    modules["latent_bcq"],
+                    maze,
+                    list(ctx.cfg.obs_keys),
+                    num_samples=cfg["num_samples"],
+                    seed=cfg["seed"],
+                    sampling=sampling,
+                )
+            )
     if cfg["pictures"]:
         extra.update(_pictures(ctx, work, trajectories, modules, policy, protocol, episodes, maze))
     spec = {

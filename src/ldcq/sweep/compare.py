@@ -17,6 +17,8 @@ DIAGNOSTICS = (
     "diag/mode_coverage_diffusion",
     "diag/mode_coverage_vae_prior",
     "diag/recon_mse_relative",
+    "diag/value_ascent_share",
+    "diag/value_greedy_reach",
 )
 
 
@@ -134,6 +136,7 @@ _DIAGNOSTIC_LINES = (
     ("diag/oos_rate_vae_prior", "out of support, VAE prior", "tab:orange"),
     ("diag/mode_coverage_diffusion", "mode coverage, diffusion", "tab:cyan"),
     ("diag/mode_coverage_vae_prior", "mode coverage, VAE prior", "tab:red"),
+    ("diag/value_greedy_reach", "greedy walk on Q reaches goal", "tab:purple"),
 )
 
 
@@ -165,7 +168,7 @@ def plot_key(summary: dict, key: str, keys: list[str], path: Path, title: str) -
     others = [k for k in keys if k != key]
     values = list(dict.fromkeys(json.dumps(r["point"][key]) for r in rows))
     combos = list(dict.fromkeys(_combo(r, others) for r in rows))
-    diagnosed = any(d in r["metrics"] for r in rows for d, _, _ in _DIAGNOSTIC_LINES[:2])
+    diagnosed = any(d in r["metrics"] for r in rows for d, _, _ in _DIAGNOSTIC_LINES)
     panels = len(_SCORE_PANELS) + diagnosed
     fig, axes = plt.subplots(1, panels, figsize=(5.0 * panels, 3.8), squeeze=False)
     axes = axes[0]
@@ -186,7 +189,7 @@ def plot_key(summary: dict, key: str, keys: list[str], path: Path, title: str) -
                 style = {"color": color, "marker": "o", "label": label if j == 0 else None}
                 _errorbar(ax, *line, "q", combo, metric, 0.04 * j, **style)
         ax.set_ylabel("share")
-        ax.set_title("skill diagnostics")
+        ax.set_title("skill and value diagnostics")
     for ax in axes:
         ax.set_xticks(np.arange(len(values)), [v.strip('"') for v in values])
         ax.set_xlabel(key)

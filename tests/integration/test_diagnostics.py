@@ -248,3 +248,9 @@ def test_value_propagation_measures_the_q_at_every_free_cell_centre_against_the_
     dead_end = maze.cell_xy(np.array([1.5]), np.array([3.5]))[0]
     trapped = diag.value_propagation(_ZeroPrior(), _XYQ(dead_end), maze, ["observation"], 4)
     assert trapped["diag/value_greedy_reach"] == 0.0 and trapped["diag/value_ascent_share"] == 0.0
+
+    # A state without the position (obs_keys that leave out xy) gives V no way to vary: no measure.
+    blind = MazeLayout(
+        DEAD_END, 1.0, goal, {"observation": np.ones(3), "achieved_goal": np.zeros(2)}
+    )
+    assert diag.value_propagation(_ZeroPrior(), _XYQ(goal[:2]), blind, ["observation"], 4) == {}

@@ -446,10 +446,13 @@ def value_propagation(
 ) -> dict[str, float]:
     """``diag/value_ascent_share`` and ``diag/value_greedy_reach`` (module docstring) of the
     trained ``q`` over ``prior``'s samples on ``maze`` (a :class:`~ldcq.evaluation.plots.MazeLayout`
-    whose goal is the one the evaluation pays at); ``sampling`` as in :func:`skill_diagnostics`."""
+    whose goal is the one the evaluation pays at); ``sampling`` as in :func:`skill_diagnostics`.
+    Empty when the state (``obs_keys``) does not hold the agent's position."""
     cells = np.argwhere(~maze.walls)
     xy = maze.cell_xy(cells[:, 0] + 0.5, cells[:, 1] + 0.5)
     states = torch.as_tensor(maze.states_at(xy, obs_keys))
+    if len(states) < 2 or not bool((states != states[0]).any()):
+        return {}  # the state does not hold the position: V cannot vary over the maze
     generator = torch.Generator().manual_seed(seed)
     sampler = _Sampling(prior, sampling or {})
     best = [

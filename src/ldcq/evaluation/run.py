@@ -73,17 +73,20 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
         if cfg["pictures"] and result.support:
             extra["diagnostics.png"] = plot_diagnostics(result, maze, work / "diagnostics.png")
         if maze is not None:
-            metrics.update(
-                value_propagation(
-                    modules["diffusion_prior"],
-                    modules["latent_bcq"],
-                    maze,
-                    list(ctx.cfg.obs_keys),
-                    num_samples=cfg["num_samples"],
-                    seed=cfg["seed"],
-                    sampling=sampling,
-                )
+            values = value_propagation(
+                modules["diffusion_prior"],
+                modules["latent_bcq"],
+                maze,
+                list(ctx.cfg.obs_keys),
+                num_samples=cfg["num_samples"],
+                seed=cfg["seed"],
+                sampling=sampling,
             )
+            metrics.update(values)
+            if not values:
+                say(
+                    "evaluation diagnostics: the state holds no position: value propagation skipped"
+                )
     if cfg["pictures"]:
         extra.update(_pictures(ctx, work, trajectories, modules, policy, protocol, episodes, maze))
     spec = {

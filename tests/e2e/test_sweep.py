@@ -166,7 +166,7 @@ def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
     for r in runs:
         assert 0.0 <= r["metrics"]["diag/oos_rate_diffusion"] <= 1.0
         assert "diag/recon_mse" in r["metrics"] and r["git_sha"] and r["command"]
-        assert 0.0 <= r["metrics"]["diag/value_greedy_reach"] <= 1.0
+        assert -1.0 <= r["metrics"]["diag/value_distance_corr"] <= 1.0
     summary = data["summary"]
     assert len(summary["rows"]) == 4 and summary["rows"][0]["seeds"] == [0]
     assert "diffusion_prior.model.schedule" in summary["effects"]

@@ -191,28 +191,41 @@ def _values(by_cell):
     return values
 
 
-def test_a_value_that_rises_toward_the_goal_ascends_and_reaches_it_from_every_cell():
+def test_a_value_that_falls_with_every_move_from_the_goal_ascends_everywhere_and_correlates_fully():
     dist = diag.maze_distances(DEAD_END, (3, 0))
     free = [tuple(c) for c in np.argwhere(dist >= 0)]
-    rising = _values({c: -float(dist[c]) for c in free})
+    rising = _values({c: 10.0 - float(dist[c]) for c in free})
     assert diag.value_shape(rising, dist) == {
         "diag/value_ascent_share": 1.0,
-        "diag/value_greedy_reach": 1.0,
+        "diag/value_distance_corr": pytest.approx(1.0),
         "diag/value_cells": 5.0,
     }
+    # Turned around, the value rises into the dead end: nothing ascends, the correlation is -1.
+    falling = _values({c: float(dist[c]) for c in free})
+    shape = diag.value_shape(falling, dist)
+    assert shape["diag/value_ascent_share"] == 0.0
+    assert shape["diag/value_distance_corr"] == pytest.approx(-1.0)
 
 
-def test_a_value_peaked_in_the_dead_end_traps_the_corridor():
-    # Credit that did not propagate: the corridor's value peaks at (1, 2), so walks from (1, 1),
-    # (1, 2) and (1, 3) stop there; (1, 3) still ascends locally (toward the peak), which is why
-    # the greedy walk is measured too.
+def test_a_value_peaked_in_the_dead_end_shows_in_both_measures():
+    # Credit that did not propagate: the corridor's value peaks at (1, 2) instead of falling
+    # toward the dead end. (1, 1) and (1, 2) do not ascend; (1, 3) still does (toward the peak).
     dist = diag.maze_distances(DEAD_END, (3, 0))
     values = _values(
         {(3, 0): 10.0, (2, 0): 5.0, (1, 0): 1.0, (1, 1): 2.0, (1, 2): 3.0, (1, 3): 2.5}
     )
     shape = diag.value_shape(values, dist)
-    assert shape["diag/value_greedy_reach"] == pytest.approx(2 / 5)  # (2, 0) and (1, 0)
-    assert shape["diag/value_ascent_share"] == pytest.approx(3 / 5)  # and (1, 3)
+    assert shape["diag/value_ascent_share"] == pytest.approx(3 / 5)
+    # Ranks of V (0..5) against ranks of closeness: 1 - 6 Σd² / (n (n² - 1)) with no ties.
+    v = np.array([5, 4, 0, 1, 3, 2])  # goal, (2,0), (1,0), (1,1), (1,2), (1,3)
+    c = np.array([5, 4, 3, 2, 1, 0])
+    expected = 1 - 6 * ((v - c) ** 2).sum() / (6 * 35)
+    assert shape["diag/value_distance_corr"] == pytest.approx(expected)
+    assert 0 < expected < 1
+
+
+def test_ranks_average_ties():
+    assert diag._ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
 
 
 class _XYQ:
@@ -242,12 +255,12 @@ def test_value_propagation_measures_the_q_at_every_free_cell_centre_against_the_
     maze = MazeLayout(DEAD_END, 1.0, goal, template)
     near_goal = diag.value_propagation(_ZeroPrior(), _XYQ(goal), maze, ["observation"], 4)
     # Straight-line closeness to the goal rises along the corridor and down the column: all ascend.
-    assert near_goal["diag/value_greedy_reach"] == 1.0
     assert near_goal["diag/value_ascent_share"] == 1.0
-    # A Q that values the dead end (1, 3) instead traps every walk there.
+    assert near_goal["diag/value_distance_corr"] > 0.9
+    # A Q that values the dead end (1, 3) instead: nothing ascends, V rises away from the goal.
     dead_end = maze.cell_xy(np.array([1.5]), np.array([3.5]))[0]
     trapped = diag.value_propagation(_ZeroPrior(), _XYQ(dead_end), maze, ["observation"], 4)
-    assert trapped["diag/value_greedy_reach"] == 0.0 and trapped["diag/value_ascent_share"] == 0.0
+    assert trapped["diag/value_ascent_share"] == 0.0 and trapped["diag/value_distance_corr"] < -0.9
 
     # A state without the position (obs_keys that leave out xy) gives V no way to vary: no measure.
     blind = MazeLayout(

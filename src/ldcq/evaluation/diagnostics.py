@@ -26,11 +26,12 @@ the training data's own, since support means the training data's support:
 
 And one of the Q-function (:func:`value_propagation`, mazes): has the goal's value propagated
 back through the maze? At the centre of every free cell, standing still, V(s) is the best of K
-prior latents' min(Q1, Q2), as in the Q map; the maze distance of a cell is its number of moves
-to the goal cell through free cells. A cell *ascends* when a neighbour one move closer to the goal
-has a higher V, and its *greedy walk* (to the free neighbour of highest V while that is higher
-than the current cell's) *reaches* the goal cell rather than stopping at a local maximum, where an
-agent following V would oscillate.
+prior latents' min(Q1, Q2), as in the Q map, averaged over 8 independent draws of the K; the maze
+distance of a cell is its number of moves to the goal cell through free cells. A cell *ascends*
+when a neighbour one move closer to the goal has a higher V; the *value-distance correlation* is
+Spearman's rank correlation of V with minus the maze distance (1: V falls with every move away
+from the goal). A walk that follows the highest neighbour is not measured: within one skill's
+reach of the goal V is flat, and which cell of that plateau tops it is decided by sampling noise.
 """
 
 from __future__ import annotations
@@ -407,29 +408,34 @@ def _neighbours(cell: tuple[int, int], dist: np.ndarray):
             yield n
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks of ``x`` (0-based), ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, tie, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(tie, weights=ranks) / counts)[tie]
+
+
 def value_shape(values: np.ndarray, dist: np.ndarray) -> dict[str, float]:
-    """The two measures of :func:`value_propagation` for a value per cell ``values (H, W)`` (NaN
-    off the maze) and the maze distances ``dist`` of :func:`maze_distances`, over the cells that
-    can reach the goal, the goal cell aside."""
+    """The measures of :func:`value_propagation` for a value per cell ``values (H, W)`` (NaN off
+    the maze) and the maze distances ``dist`` of :func:`maze_distances`: the ascent share over
+    the cells that can reach the goal, the goal cell aside; the rank correlation over those cells
+    and the goal cell."""
     cells = [tuple(c) for c in np.argwhere(dist > 0)]
     if not cells:
         return {}
-    ascends = reaches = 0
-    for cell in cells:
-        ascends += any(
-            dist[n] == dist[cell] - 1 and values[n] > values[cell] for n in _neighbours(cell, dist)
-        )
-        here, seen = cell, {cell}
-        while dist[here] > 0:
-            best = max(_neighbours(here, dist), key=lambda n: values[n], default=None)
-            if best is None or not values[best] > values[here] or best in seen:
-                break
-            here = best
-            seen.add(here)
-        reaches += dist[here] == 0
+    ascends = sum(
+        any(dist[n] == dist[c] - 1 and values[n] > values[c] for n in _neighbours(c, dist))
+        for c in cells
+    )
+    reach = dist >= 0
+    v, d = _ranks(values[reach]), _ranks(-dist[reach].astype(float))
+    spread = v.std() * d.std()
+    corr = float(((v - v.mean()) * (d - d.mean())).mean() / spread) if spread > 0 else 0.0
     return {
         "diag/value_ascent_share": ascends / len(cells),
-        "diag/value_greedy_reach": reaches / len(cells),
+        "diag/value_distance_corr": corr,
         "diag/value_cells": float(len(cells)),
     }
 
@@ -443,8 +449,9 @@ def value_propagation(
     num_samples: int = 50,
     seed: int = 0,
     sampling: dict[str, Any] | None = None,
+    draws: int = 8,
 ) -> dict[str, float]:
-    """``diag/value_ascent_share`` and ``diag/value_greedy_reach`` (module docstring) of the
+    """``diag/value_ascent_share`` and ``diag/value_distance_corr`` (module docstring) of the
     trained ``q`` over ``prior``'s samples on ``maze`` (a :class:`~ldcq.evaluation.plots.MazeLayout`
     whose goal is the one the evaluation pays at); ``sampling`` as in :func:`skill_diagnostics`.
     Empty when the state (``obs_keys``) does not hold the agent's position."""
@@ -455,11 +462,15 @@ def value_propagation(
         return {}  # the state does not hold the position: V cannot vary over the maze
     generator = torch.Generator().manual_seed(seed)
     sampler = _Sampling(prior, sampling or {})
+    # The planner's value at a state: the best of K prior samples, averaged over ``draws``
+    # independent sets of K (one set's max is noisy enough to move a walk's end by a cell).
+    rows = states.repeat_interleave(draws, dim=0)
     best = [
         q.score(chunk, sampler.sample(chunk, num_samples, generator)).max(dim=1).values
-        for chunk in states.split(_ROWS // 8)
+        for chunk in rows.split(_ROWS // 8)
     ]
     values = np.full(maze.walls.shape, np.nan)
-    values[cells[:, 0], cells[:, 1]] = torch.cat(best).float().numpy()
+    mean = torch.cat(best).float().view(len(states), draws).mean(dim=1)
+    values[cells[:, 0], cells[:, 1]] = mean.numpy()
     goal = tuple(int(i[0]) for i in cell_of(maze, maze.goal_xy[None]))
     return value_shape(values, maze_distances(maze.walls, goal))

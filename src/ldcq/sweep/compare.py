@@ -18,7 +18,7 @@ DIAGNOSTICS = (
     "diag/mode_coverage_vae_prior",
     "diag/recon_mse_relative",
     "diag/value_ascent_share",
-    "diag/value_greedy_reach",
+    "diag/value_distance_corr",
 )
 
 
@@ -136,7 +136,7 @@ _DIAGNOSTIC_LINES = (
     ("diag/oos_rate_vae_prior", "out of support, VAE prior", "tab:orange"),
     ("diag/mode_coverage_diffusion", "mode coverage, diffusion", "tab:cyan"),
     ("diag/mode_coverage_vae_prior", "mode coverage, VAE prior", "tab:red"),
-    ("diag/value_greedy_reach", "greedy walk on Q reaches goal", "tab:purple"),
+    ("diag/value_distance_corr", "rank corr. of V with closeness to goal", "tab:purple"),
 )
 
 
@@ -188,7 +188,7 @@ def plot_key(summary: dict, key: str, keys: list[str], path: Path, title: str) -
             for j, combo in enumerate(combos):
                 style = {"color": color, "marker": "o", "label": label if j == 0 else None}
                 _errorbar(ax, *line, "q", combo, metric, 0.04 * j, **style)
-        ax.set_ylabel("share")
+        ax.set_ylabel("share (correlation for V)")
         ax.set_title("skill and value diagnostics")
     for ax in axes:
         ax.set_xticks(np.arange(len(values)), [v.strip('"') for v in values])

@@ -177,6 +177,7 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
             oos = 0.02 if h == 10 else 0.10 + 0.01 * seed  # H=20: 8-10 points more
             metrics |= {"diag/oos_rate_diffusion": oos, "diag/oos_rate_vae_prior": 0.2}
             metrics["diag/value_distance_corr"] = 0.8 if h == 10 else 0.9
+            metrics["diag/mode_coverage_diffusion"] = 0.75  # a key downstream of the prior
         return {"point": {"horizon": h}, "seed": seed, "selector": selector, "metrics": metrics}
 
     # H=20 beats H=10 by 30 points with a seed std of 1: an effect beyond the seed noise.
@@ -207,12 +208,13 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
     text = results.findings([path], tmp_path)
     assert (
         "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 41.0 ± 1.0 | 0.80 ± 0.00 "
-        "| 2.0 ± 0.0 / 20.0 ± 0.0 | – / – |" in text
+        "| 2.0 ± 0.0 / 20.0 ± 0.0 | 0.75 ± 0.00 / – |" in text
     )
     assert (
         "correlation of V with closeness to the goal is highest at 20 and lowest at 10, +0.10"
         in text
     )
+    assert "the diffusion prior's mode coverage is the same at every value." in text
     assert "best at 20 and worst at 10, +30.0 apart (seed std 1.0): larger than the seed" in text
     assert (
         "out-of-support rate is highest at 20 and lowest at 10, +9.00 points apart "

@@ -269,6 +269,9 @@ def _diagnostic_effect_lines(rows: list[dict], key: str, keys: list[str]) -> lis
     for metric, words, scale, unit in _DIAGNOSTIC_EFFECTS:
         for g in effect(rows, key, keys, metric)["groups"]:
             where, noise = _where_noise(g, scale, 2)
+            if g["difference"] == 0:  # the key is downstream of what the diagnostic measures
+                lines.append(f"  - {words}{where} is the same at every value.")
+                continue
             lines.append(
                 f"  - {words}{where} is highest at {g['best']} and "
                 f"lowest at {g['worst']}, {scale * g['difference']:+.2f}{unit} apart "

@@ -55,38 +55,9 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     extra = {"rollouts.npz": work / "rollouts.npz"}
     maze = _maze(protocol, cfg["seed"]) if cfg["pictures"] or cfg["diagnostics"] else None
     if cfg["diagnostics"]:
-        sampling = {k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")}
-        prior_data = ctx.stage_cfg("diffusion_prior")["data"]
-        result = skill_diagnostics(
-            modules["skill_vae"],
-            modules["diffusion_prior"],
-            ctx.stage_cfg("skill_vae")["data"],
-            maze=maze,
-            num_samples=cfg["num_samples"],
-            seed=cfg["seed"],
-            prior_split=(prior_data["val_fraction"], prior_data["seed"]),
-            sampling=sampling,
-        )
-        metrics.update(result.metrics)
-        for note in result.notes:
-            say(f"evaluation diagnostics: {note}")
-        if cfg["pictures"] and result.support:
-            extra["diagnostics.png"] = plot_diagnostics(result, maze, work / "diagnostics.png")
-        if maze is not None:
-            values = value_propagation(
-                modules["diffusion_prior"],
-                modules["latent_bcq"],
-                maze,
-                list(ctx.cfg.obs_keys),
-                num_samples=cfg["num_samples"],
-                seed=cfg["seed"],
-                sampling=sampling,
-            )
-            metrics.update(values)
-            if not values:
-                say(
-                    "evaluation diagnostics: the state holds no position: value propagation skipped"
-                )
+        found, pictures = _diagnostics(ctx, cfg, modules, maze, work)
+        metrics.update(found)
+        extra.update(pictures)
     if cfg["pictures"]:
         extra.update(_pictures(ctx, work, trajectories, modules, policy, protocol, episodes, maze))
     spec = {
@@ -96,6 +67,42 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
         "ref_scores": list(protocol.ref_scores),
     }
     return ArtifactParts(spec=spec, metrics=metrics, extra_files=extra, logged=None)
+
+
+def _diagnostics(ctx, cfg, modules, maze, work: Path) -> tuple[dict[str, float], dict[str, Path]]:
+    """The skill diagnostics and, on a maze, the value propagation (docs/method.md): their
+    metrics and, with pictures on, ``diagnostics.png``."""
+    sampling = {k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")}
+    prior_data = ctx.stage_cfg("diffusion_prior")["data"]
+    result = skill_diagnostics(
+        modules["skill_vae"],
+        modules["diffusion_prior"],
+        ctx.stage_cfg("skill_vae")["data"],
+        maze=maze,
+        num_samples=cfg["num_samples"],
+        seed=cfg["seed"],
+        prior_split=(prior_data["val_fraction"], prior_data["seed"]),
+        sampling=sampling,
+    )
+    metrics, extra = dict(result.metrics), {}
+    for note in result.notes:
+        say(f"evaluation diagnostics: {note}")
+    if cfg["pictures"] and result.support:
+        extra["diagnostics.png"] = plot_diagnostics(result, maze, work / "diagnostics.png")
+    if maze is not None:
+        values = value_propagation(
+            modules["diffusion_prior"],
+            modules["latent_bcq"],
+            maze,
+            list(ctx.cfg.obs_keys),
+            num_samples=cfg["num_samples"],
+            seed=cfg["seed"],
+            sampling=sampling,
+        )
+        metrics.update(values)
+        if not values:
+            say("evaluation diagnostics: the state holds no position: value propagation skipped")
+    return metrics, extra
 
 
 def build_policy(

@@ -5,6 +5,7 @@ SLURM path runs through submitit's local executor."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -167,6 +168,8 @@ def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
         assert 0.0 <= r["metrics"]["diag/oos_rate_diffusion"] <= 1.0
         assert "diag/recon_mse" in r["metrics"] and r["git_sha"] and r["command"]
         assert -1.0 <= r["metrics"]["diag/value_distance_corr"] <= 1.0
+        # Q's convergence, from the Q stage's q_mean history in MLflow (finite: it was logged)
+        assert math.isfinite(r["metrics"]["diag/q_mean_late_change"])
     summary = data["summary"]
     assert len(summary["rows"]) == 4 and summary["rows"][0]["seeds"] == [0]
     assert "diffusion_prior.model.schedule" in summary["effects"]

@@ -157,9 +157,17 @@ def test_training_curves_from_mlflow(tmp_path):
     ]
     title, _, keys, log_y = panels[-1]
     assert keys == ["train/q_mean"] and not log_y and "(still rising)" in title
-    # q_mean rises to the end: the Q panel says so
+    # q_mean rises to the end: the Q panel says so, and the evaluation's number agrees
     assert plots.late_change(np.arange(60), np.arange(60) - 30.0) > 0.1
     assert abs(plots.late_change(np.arange(60), np.full(60, 3.0))) < 1e-9
+    change = plots.q_mean_late_change(client, runs["latent_bcq"])
+    assert change == plots.late_change(np.arange(60), np.arange(60) - 30.0)
+    assert plots.convergence_verdict(change) == "still rising"
+    assert (
+        plots.convergence_verdict(-0.01) == "flat" and plots.convergence_verdict(-0.5) == "falling"
+    )
+    # a run without q_mean (the VAE's here has one; the evaluation's none) has no convergence
+    assert plots.q_mean_late_change(client, runs["evaluation"]) is None
     with pytest.raises(ConfigError, match="not-a-run"):
         plots.plot_training_curves(uri, {"skill_vae": "not-a-run"}, tmp_path / "bad.png")
 

@@ -178,6 +178,7 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
             metrics |= {"diag/oos_rate_diffusion": oos, "diag/oos_rate_vae_prior": 0.2}
             metrics["diag/value_distance_corr"] = 0.8 if h == 10 else 0.9
             metrics["diag/mode_coverage_diffusion"] = 0.75  # a key downstream of the prior
+            metrics["diag/q_mean_late_change"] = 0.03 if h == 10 else 0.01
         return {"point": {"horizon": h}, "seed": seed, "selector": selector, "metrics": metrics}
 
     # H=20 beats H=10 by 30 points with a seed std of 1: an effect beyond the seed noise.
@@ -207,9 +208,10 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
     path.write_text(json.dumps(data))
     text = results.findings([path], tmp_path)
     assert (
-        "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 41.0 ± 1.0 | 0.80 ± 0.00 "
+        "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 41.0 ± 1.0 | 0.80 ± 0.00 | 3.0 ± 0.0 "
         "| 2.0 ± 0.0 / 20.0 ± 0.0 | 0.75 ± 0.00 / – |" in text
     )
+    assert "q_mean change over its last 20 % of steps is highest at 10 and lowest at 20" in text
     assert (
         "correlation of V with closeness to the goal is highest at 20 and lowest at 10, +0.10"
         in text

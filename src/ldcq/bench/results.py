@@ -202,8 +202,9 @@ def _sweep_table(data: dict) -> list[str]:
     lines = [
         "| " + " | ".join(keys) + " | seeds | LDCQ normalized | BC normalized | LDCQ success % | "
         "LDCQ first-hit normalized | V vs goal distance (rank corr.) | "
+        "q_mean change over Q's last 20 % of steps (%) | "
         "out of support % (diffusion / VAE) | mode coverage (diffusion / VAE) |",
-        "|" + "---|" * (len(keys) + 8),
+        "|" + "---|" * (len(keys) + 9),
     ]
     points = []
     for row in rows:
@@ -221,6 +222,7 @@ def _sweep_table(data: dict) -> list[str]:
             _stat(q, "eval/success_rate", 100.0, 0),
             _stat(q, "eval/first_hit_normalized"),
             _stat(q, "diag/value_distance_corr", 1.0, 2),
+            _stat(q, "diag/q_mean_late_change", 100.0),
             f"{_stat(q, 'diag/oos_rate_diffusion', 100.0)} / "
             f"{_stat(q, 'diag/oos_rate_vae_prior', 100.0)}",
             f"{_stat(q, 'diag/mode_coverage_diffusion', 1.0, 2)} / "
@@ -235,6 +237,7 @@ _DIAGNOSTIC_EFFECTS = (
     ("diag/oos_rate_diffusion", "the diffusion prior's out-of-support rate", 100.0, " points"),
     ("diag/mode_coverage_diffusion", "the diffusion prior's mode coverage", 1.0, ""),
     ("diag/value_distance_corr", "the rank correlation of V with closeness to the goal", 1.0, ""),
+    ("diag/q_mean_late_change", "Q's q_mean change over its last 20 % of steps", 100.0, " %"),
 )
 
 

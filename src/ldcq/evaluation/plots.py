@@ -326,6 +326,20 @@ def _history(client, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([m.step for m in history]), np.array([m.value for m in history], np.float64)
 
 
+def q_mean_late_change(client, run_id: str) -> float | None:
+    """:func:`late_change` of the Q stage run's ``train/q_mean`` (None when it logged fewer than
+    two points): whether Q-learning was still moving when the stage stopped."""
+    steps, values = _history(client, run_id, "train/q_mean")
+    return late_change(steps, values) if len(values) > 1 else None
+
+
+def convergence_verdict(change: float, tolerance: float = 0.02) -> str:
+    """Words for a :func:`late_change`: within ``tolerance`` of 0 is flat."""
+    if abs(change) <= tolerance:
+        return "flat"
+    return "still rising" if change > 0 else "falling"
+
+
 def _draw_curves(ax, client, run_id: str, keys: Sequence[str], log_y: bool) -> None:
     """``train/*`` solid (raw faint, smoothed when longer than 50 points), ``val/*`` dashed, one
     colour per metric name; log-y when ``log_y`` and every value is positive."""
@@ -383,15 +397,9 @@ def curve_panels(client, run_ids: Mapping[str, str], tracking_uri: str = "") -> 
             panels.append((stage, run_id, rest, True))
         if values:
             title = f"{stage}: values"
-            if "train/q_mean" in values:
-                change = late_change(*_history(client, run_id, "train/q_mean"))
-                verdict = (
-                    "still rising"
-                    if change > 0.02
-                    else "flat"
-                    if abs(change) <= 0.02
-                    else "falling"
-                )
+            change = q_mean_late_change(client, run_id) if "train/q_mean" in values else None
+            if change is not None:
+                verdict = convergence_verdict(change)
                 title += f"\nq_mean {change:+.1%} over the last 20 % of steps ({verdict})"
             panels.append((title, run_id, values, False))
     return panels

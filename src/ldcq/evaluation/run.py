@@ -102,7 +102,22 @@ def _diagnostics(ctx, cfg, modules, maze, work: Path) -> tuple[dict[str, float],
         metrics.update(values)
         if not values:
             say("evaluation diagnostics: the state holds no position: value propagation skipped")
+    metrics.update(q_convergence(ctx))
     return metrics, extra
+
+
+def q_convergence(ctx) -> dict[str, float]:
+    """``diag/q_mean_late_change``: the relative change of the Q stage's smoothed ``q_mean`` over
+    its last 20 % of steps (about 0 once Q-learning converged), read from the MLflow run that
+    finished the stage; nothing without tracking or without that history."""
+    if ctx.tracker is None:
+        return {}
+    run_id = training_runs(ctx).get("latent_bcq")
+    change = None if run_id is None else plots.q_mean_late_change(ctx.tracker.client, run_id)
+    if change is None:
+        say("evaluation diagnostics: no q_mean history of the Q stage: its convergence is skipped")
+        return {}
+    return {"diag/q_mean_late_change": change}
 
 
 def build_policy(

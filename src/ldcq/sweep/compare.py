@@ -19,6 +19,7 @@ DIAGNOSTICS = (
     "diag/recon_mse_relative",
     "diag/value_ascent_share",
     "diag/value_distance_corr",
+    "diag/q_mean_late_change",
 )
 
 

@@ -31,6 +31,8 @@ NEUTRAL = {
     "diffusion_prior.model.denoiser": "film_unet",
     "evaluation.diagnostics": False,
     "latent_bcq.model.compile": False,
+    "latent_bank.compile": False,
+    "evaluation.compile": False,
     # null: the stage inherits the shared trainer.precision (see ldcq.pipeline.Context.precision)
     **{f"{stage}.trainer.precision": None for stage in STAGE_TRAINERS},
 }

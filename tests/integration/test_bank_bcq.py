@@ -225,3 +225,38 @@ def test_a_model_that_does_not_fit_its_data_is_refused(upstream, bank):
     model = LatentBCQ(dm.state_dim, dm.latent_dim, horizon=dm.horizon, gamma=0.99)
     with pytest.raises(ConfigError, match="gamma"):
         tiny_trainer(1).fit(model, dm)
+
+
+def test_the_bank_and_the_policy_sample_through_the_compiled_denoiser_when_asked(
+    upstream, monkeypatch, tmp_path
+):
+    from ldcq.evaluation.policy import LDCQPolicy
+
+    calls = []
+
+    def fake_compile(fn, **kwargs):  # stands in for Inductor: counts the compiled calls
+        def run(*a, **kw):
+            calls.append(1)
+            return fn(*a, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    prior = _prior(upstream)
+    states = upstream["transitions"]["next_states"][:6]
+    kwargs = {"sampling_steps": 3, "batch_size": 4, "trainer_kwargs": CPU}
+    eager = np.load(generate_bank(prior, states, tmp_path / "eager", 2, **kwargs))
+    assert calls == []
+    fused = np.load(generate_bank(prior, states, tmp_path / "fused", 2, **kwargs, compile=True))
+    assert len(calls) == 2 * 3  # two batches × three denoiser calls, all through the compile
+    np.testing.assert_array_equal(fused, eager)
+
+    calls.clear()
+    vae = load_modules(read_artifact(upstream["vae"]))["skill_vae"]
+    q = LatentBCQ(state_dim=4, latent_dim=4, horizon=5, hidden_dim=8, latent_hidden=8)
+    policies = [
+        LDCQPolicy(vae, prior, q, num_samples=3, sampling_steps=2, compile=c) for c in (False, True)
+    ]
+    actions = [p.act(states.numpy()) for p in policies]
+    assert len(calls) == 2  # the compiled policy's one re-plan: two denoiser calls
+    np.testing.assert_array_equal(actions[1], actions[0])

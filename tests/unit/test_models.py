@@ -384,3 +384,30 @@ def test_prior_samples_in_chunks_on_cpu_with_the_same_shapes_and_seeding(monkeyp
     assert torch.isfinite(chunked).all()
     torch.testing.assert_close(chunked, draw(10))
     assert prior.sample(states[:0], 5).shape == (0, 5, 3)
+
+
+def test_the_prior_samples_through_a_real_compiled_denoiser_as_it_does_eagerly():
+    # One real torch.compile (Inductor, C++ on this CPU): the compiled forward gives eager's
+    # samples to float tolerance, the wrapper lends the samplers the module's other attributes,
+    # and a copy compiles anew.
+    import copy
+
+    from ldcq.models.compiled import CompiledForward
+    from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+
+    torch.manual_seed(0)
+    prior = LatentDiffusionPrior(
+        state_dim=4, latent_dim=3, hidden_dims=[8, 4], time_embed_dim=8, state_embed_dim=8
+    ).eval()
+    states = torch.randn(3, 4)
+    compiled = prior.compiled_denoiser("latent_bank.compile")
+    assert isinstance(compiled, CompiledForward)
+    assert compiled.output_proj is prior.ema_denoiser.output_proj
+    for sampler in ("ddim", "dpmpp"):
+        eager = prior.sample(states, 5, sampler, generator=torch.Generator().manual_seed(1))
+        fused = prior.sample(
+            states, 5, sampler, generator=torch.Generator().manual_seed(1), denoiser=compiled
+        )
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+    assert compiled.forward.failed is None and compiled.forward.compile_s is not None
+    assert copy.deepcopy(compiled).forward._compiled is None

@@ -29,6 +29,8 @@ REFERENCE_OVERRIDES = (
     "latent_bcq.data.batch_size=128",
     "latent_bcq.model.num_bank_samples=null",
     "latent_bcq.model.compile=false",
+    "latent_bank.compile=false",
+    "evaluation.compile=false",
     "evaluation.num_samples=50",
 )
 # What each speedup is measured on, and the target for it (× the reference mode).
@@ -64,7 +66,7 @@ def _batch(row: dict) -> str:
 
 
 def _sampled(row: dict) -> str:
-    return f"{row['sampler']}, K={row['K']}"
+    return f"{row['sampler']}{' compiled' if row.get('compile') else ''}, K={row['K']}"
 
 
 def _measures(report: dict, key: str) -> tuple[dict, dict, str, str, Any]:

@@ -232,8 +232,13 @@ def _sampler_table(s: dict) -> Table:
 
 
 def _bank_line(b: dict) -> str:
+    compiled = (
+        f", compiled (the warm-up with its compile: {b['warm_up_s']:.1f} s)"
+        if b.get("compile")
+        else ""
+    )
     return (
-        f"[bold]Latent bank[/] ({b['family']}, generate_bank, {b['sampler']}): "
+        f"[bold]Latent bank[/] ({b['family']}, generate_bank, {b['sampler']}{compiled}): "
         f"{b['transitions']:,} transitions × K={b['K']} in {b['seconds']:.1f} s = "
         f"{b['latents_per_s']:,.0f} latents/s; {b['bytes_per_sample']} B/sample, "
         f"{b['bytes_per_transition']:,.0f} B/transition; memory-mapped: {b['memory_mapped']}. "
@@ -269,7 +274,10 @@ def _latency_table(lat: list[dict]) -> Table:
             r["family"],
             str(r["envs"]),
             str(r["K"]),
-            _g(r["replan_ms"]),
+            _g(r["replan_ms"])
+            + (
+                f" (compiled; first {r['first_replan_ms'] / 1e3:.1f} s)" if r.get("compile") else ""
+            ),
             _g(r["step_ms"]),
             f"{_g(r['amortized_step_ms'])} (re-plan every {r['replan_every']})",
         ]

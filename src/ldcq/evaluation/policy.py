@@ -34,6 +34,8 @@ class LDCQPolicy:
         seed: seeds the prior's and the decoder's noise.
         precision: concrete precision the prior samples and Q scores in (the latent bank's, so
             the policy picks among latents drawn as Q was trained on); latents come out fp32.
+        compile: sample through the ``torch.compile``d denoiser (``evaluation.compile``; eager
+            after one warning where compiling fails); it compiles at the first re-plan.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class LDCQPolicy:
         extra_steps: int | None = None,
         seed: int = 0,
         precision: str = "32-true",
+        compile: bool = False,
     ) -> None:
         if precision not in DTYPES:  # Lightning's -true precisions cast weights, not the policy
             raise ConfigError(f"precision={precision!r}: valid values are {list(DTYPES)}")
@@ -74,6 +77,8 @@ class LDCQPolicy:
             "sampling_steps": sampling_steps,
             "extra_steps": extra_steps,
         }
+        if compile and prior is not None:
+            self.sample_kwargs["denoiser"] = prior.compiled_denoiser("evaluation.compile")
         self.generator = torch.Generator().manual_seed(seed)
         self.z: Tensor | None = None
         self.age = np.zeros(0, dtype=np.int64)

@@ -138,6 +138,7 @@ def build_policy(
         extra_steps=cfg["extra_steps"],
         seed=cfg["seed"],
         precision=precision,
+        compile=cfg["compile"],
     )
 
 

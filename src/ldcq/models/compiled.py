@@ -77,3 +77,25 @@ class CompiledOrEager:
     def __getstate__(self) -> dict[str, Any]:
         # A compiled function does not pickle or copy: a copy compiles again when called.
         return {**self.__dict__, "_compiled": None, "compile_s": None}
+
+
+class CompiledForward:
+    """``module`` as a sampler calls it: its forward through :class:`CompiledOrEager`, every other
+    attribute (``embed_state``, ``output_proj``, …) the module's own.
+
+    The samplers denoise the same shapes at every step, so one compilation serves a whole bank or
+    evaluation; Inductor fuses the LayerNorm/GELU/FiLM chains that dominate small batches.
+    """
+
+    def __init__(self, module: torch.nn.Module, option: str) -> None:
+        self.module = module
+        self.forward = CompiledOrEager(module, "forward", option)
+        self.forward.enabled = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("module", "forward"):  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)

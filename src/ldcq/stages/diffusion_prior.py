@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError
 from ldcq.models import SAMPLERS, FiLMDenoiser, NoiseSchedule, sample_prior, x0_loss
+from ldcq.models.compiled import CompiledForward
 from ldcq.models.denoiser import MLPDenoiser, mlp_width_like
 from ldcq.stages.common import (
     check_positive,
@@ -159,12 +160,15 @@ class LatentDiffusionPrior(L.LightningModule):
         sampling_steps: int | None = None,
         extra_steps: int | None = None,
         generator: torch.Generator | None = None,
+        denoiser: nn.Module | CompiledForward | None = None,
     ) -> Tensor:
         """K = ``num_samples`` latents per raw state with the EMA denoiser: (N, S) -> (N, K, Z) raw.
 
         Sampler settings default to the configured ones. On a CPU the states go through in chunks
         of about ``CPU_SAMPLE_ROWS`` latents: the denoiser's activations then stay in cache, which
-        doubles the latents/s of a 20,000-row call (make bench).
+        doubles the latents/s of a 20,000-row call (make bench). ``denoiser`` replaces the EMA
+        denoiser as the samplers call it: a caller's :class:`CompiledForward` of it, which keeps
+        its compilation across calls (see :meth:`compiled_denoiser`).
         """
         hp = self.hparams
         normalized = self.state_normalizer(states)
@@ -174,7 +178,7 @@ class LatentDiffusionPrior(L.LightningModule):
         z = torch.cat(
             [
                 sample_prior(
-                    self.ema_denoiser,
+                    self.ema_denoiser if denoiser is None else denoiser,
                     self.schedule,
                     chunk,
                     num_samples,
@@ -187,6 +191,11 @@ class LatentDiffusionPrior(L.LightningModule):
             ]
         )
         return self.latent_normalizer.unnormalize(z)
+
+    def compiled_denoiser(self, option: str) -> CompiledForward:
+        """The EMA denoiser with its forward through ``torch.compile`` (eager after one warning
+        naming ``option`` where compiling fails), for :meth:`sample`'s ``denoiser``."""
+        return CompiledForward(self.ema_denoiser, option)
 
     def configure_optimizers(self):
         return torch.optim.Adam(

@@ -83,12 +83,15 @@ class PriorSampler(L.LightningModule):
         sampling_steps: int = 10,
         extra_steps: int = 0,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_bank_settings(num_samples, sampler, sampling_steps, extra_steps)
         self.prior = prior.eval().requires_grad_(False)
         self.num_samples, self.sampler = num_samples, sampler
         self.sampling_steps, self.extra_steps, self.seed = sampling_steps, extra_steps, seed
+        # One compiled denoiser for every batch: it compiles once per batch shape.
+        self.denoiser = prior.compiled_denoiser("latent_bank.compile") if compile else None
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> tuple[Tensor, Tensor]:
         index, states = batch["index"], batch["next_states"]
@@ -103,6 +106,7 @@ class PriorSampler(L.LightningModule):
             sampling_steps=self.sampling_steps,
             extra_steps=self.extra_steps,
             generator=generator,
+            denoiser=self.denoiser,
         ).to(torch.float16)
         if not torch.isfinite(samples).all():
             raise ArtifactError(
@@ -265,6 +269,7 @@ def generate_bank(
     seed: int = 0,
     batch_size: int = 1024,
     trainer_kwargs: dict[str, Any] | None = None,
+    compile: bool = False,
 ) -> Path:
     """Draw ``num_samples`` (K) latents from the prior at each of ``next_states (N, S)`` (raw).
 
@@ -277,6 +282,8 @@ def generate_bank(
         prior_module: a frozen ``LatentDiffusionPrior`` (its ``hparams`` give S and Z).
         batch_size: rows per predict batch (B·K latents are denoised together).
         trainer_kwargs: ``lightning.Trainer`` arguments (accelerator, devices, strategy, precision).
+        compile: sample through the ``torch.compile``d denoiser (eager if compiling fails); how
+            the bank is computed, not what it holds, so it is not part of the request.
 
     Returns:
         The path of ``bank.npy``, on every rank, once it is complete.
@@ -300,7 +307,7 @@ def generate_bank(
         return bank_dir / BANK_FILE
     chunk_dir = bank_dir / CHUNK_DIR / request["id"]
     trainer = _predict_trainer(chunk_dir, trainer_kwargs or {})
-    sampler_module = PriorSampler(prior_module, num_samples, **settings, seed=seed)
+    sampler_module = PriorSampler(prior_module, num_samples, **settings, seed=seed, compile=compile)
     loader = _missing_blocks(next_states, chunk_dir, batch_size, trainer.world_size)
     # Called even with nothing left to do: under DDP it is what joins the ranks for the barriers.
     trainer.predict(sampler_module, dataloaders=loader, return_predictions=False)

@@ -150,6 +150,7 @@ def _make_latent_bank(ctx, work: Path) -> ArtifactParts:
         seed=ctx.cfg.seed,
         batch_size=cfg["batch_size"],
         trainer_kwargs=trainer_kwargs,
+        compile=cfg["compile"],
     )
     bank = np.load(bank_path, mmap_mode="r")
     spec = {

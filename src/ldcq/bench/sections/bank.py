@@ -32,9 +32,13 @@ def section_bank(cfg: BenchConfig) -> dict[str, Any]:
         "extra_steps": int(bank_cfg.extra_steps),
         "batch_size": min(int(bank_cfg.batch_size), n),
         "trainer_kwargs": trainer_kwargs(cfg),
+        "compile": bool(bank_cfg.get("compile", False)),
     }
     with tempfile.TemporaryDirectory() as tmp:
+        # The warm-up compiles when latent_bank.compile is on: its time is the compile's cost.
+        start = time.perf_counter()
         generate_bank(prior, states[: kwargs["batch_size"]], Path(tmp) / "warm-up", **kwargs)
+        warm_up_s = time.perf_counter() - start
         rss_before = rss_mb()
         start = time.perf_counter()
         path = generate_bank(prior, states, Path(tmp) / "bank", **kwargs)
@@ -54,6 +58,8 @@ def section_bank(cfg: BenchConfig) -> dict[str, Any]:
             int(prior.hparams.num_steps),
             int(bank_cfg.extra_steps),
         ),
+        "compile": kwargs["compile"],
+        "warm_up_s": warm_up_s,
         "seconds": seconds,
         "latents_per_s": n * k / seconds,
         "bytes_per_sample": 2 * fam.Z,
@@ -72,6 +78,7 @@ def _latents_per_s_by_rows(
     """The same sampling without the Trainer and the files, at several rows per batch: how much
     the configured batch_size costs or gains (B·K latents are denoised together)."""
     k, n = kwargs["num_samples"], len(states)
+    # Eager at every row count (a compiled denoiser would compile once per count).
     settings = {key: kwargs[key] for key in ("sampler", "sampling_steps", "extra_steps")}
     by_rows = {}
     for rows in sorted({r for r in (16, 64, 256, kwargs["batch_size"]) if r <= n}):

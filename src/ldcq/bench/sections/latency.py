@@ -26,9 +26,11 @@ def section_latency(cfg: BenchConfig) -> dict[str, Any]:
         evaluation = fam.cfg.get("evaluation") or {}
         k = int(evaluation.get("num_samples", 50))
         every = int(evaluation.get("replan_every", 10))
+        compile_ = bool(evaluation.get("compile", False))
         for n in cfg.envs:
             states = torch.randn(n, fam.S, generator=torch.Generator().manual_seed(cfg.seed))
-            replan_s, step_s, source = decision_times(cfg, vae, prior, q, states, k, every)
+            times = decision_times(cfg, vae, prior, q, states, k, every, compile_)
+            replan_s, step_s, first_s, source = times
             hp = prior.hparams
             rows.append(
                 {
@@ -37,6 +39,8 @@ def section_latency(cfg: BenchConfig) -> dict[str, Any]:
                     "K": k,
                     "replan_every": every,
                     "replan_ms": replan_s * 1e3,
+                    "first_replan_ms": first_s * 1e3,
+                    "compile": compile_,
                     "step_ms": step_s * 1e3,
                     "amortized_step_ms": (replan_s + (every - 1) * step_s) / every * 1e3,
                     "source": source,
@@ -49,17 +53,20 @@ def section_latency(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def decision_times(
-    cfg: BenchConfig, vae, prior, q, states: Tensor, k: int, every: int
-) -> tuple[float, float, str]:
-    """(seconds per re-plan, seconds per env step between re-plans, what was timed).
+    cfg: BenchConfig, vae, prior, q, states: Tensor, k: int, every: int, compile_: bool = False
+) -> tuple[float, float, float, str]:
+    """(seconds per re-plan, seconds per env step between re-plans, seconds of the first re-plan
+    (which compiles when ``compile_``), what was timed).
 
     ``ldcq.evaluation.policy.LDCQPolicy`` on a CPU (it takes numpy states); on an accelerator the
     same computation on device tensors, written out here.
     """
     if cfg.device == "cpu":
-        replan, step, source = _policy_calls(vae, prior, q, states, k, every, cfg.precision)
+        replan, step, source = _policy_calls(
+            vae, prior, q, states, k, every, cfg.precision, compile_
+        )
     else:
-        replan, step, source = _direct_calls(cfg, vae, prior, q, states, k)
+        replan, step, source = _direct_calls(cfg, vae, prior, q, states, k, compile_)
     replans, steps = [], []
     with autocast(cfg):
         for _ in range(1 + max(5, cfg.repeats)):
@@ -69,15 +76,22 @@ def decision_times(
                 fn()
                 sync(cfg.device)
                 out.append(time.perf_counter() - start)
-    return min(replans[1:]), min(steps[1:]), source
+    return min(replans[1:]), min(steps[1:]), replans[0], source
 
 
 def _policy_calls(
-    vae, prior, q, states: Tensor, k: int, every: int, precision: str
+    vae, prior, q, states: Tensor, k: int, every: int, precision: str, compile_: bool
 ) -> tuple[Callable[[], None], Callable[[], None], str]:
     """(a re-plan, an env step, their name) through ``LDCQPolicy.act`` on numpy states."""
     policy = LDCQPolicy(
-        vae, prior, q, selector="q", num_samples=k, replan_every=every, precision=precision
+        vae,
+        prior,
+        q,
+        selector="q",
+        num_samples=k,
+        replan_every=every,
+        precision=precision,
+        compile=compile_,
     )
     s = states.numpy()
 
@@ -93,15 +107,16 @@ def _policy_calls(
 
 
 def _direct_calls(
-    cfg: BenchConfig, vae, prior, q, states: Tensor, k: int
+    cfg: BenchConfig, vae, prior, q, states: Tensor, k: int, compile_: bool
 ) -> tuple[Callable[[], None], Callable[[], None], str]:
     """(a re-plan, an env step, their name): the policy's computation on ``cfg.device`` tensors."""
     states = states.to(cfg.device)
     z = torch.zeros(len(states), prior.hparams.latent_dim, device=cfg.device)
+    denoiser = prior.compiled_denoiser("evaluation.compile") if compile_ else None
 
     @torch.no_grad()
     def replan() -> None:
-        latents = prior.sample(states, k)
+        latents = prior.sample(states, k, denoiser=denoiser)
         best = q.score(states, latents).argmax(dim=1)
         z.copy_(latents[torch.arange(len(states)), best])
         vae.act(states, z)

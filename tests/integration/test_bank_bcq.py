@@ -260,3 +260,11 @@ def test_the_bank_and_the_policy_sample_through_the_compiled_denoiser_when_asked
     actions = [p.act(states.numpy()) for p in policies]
     assert len(calls) == 2  # the compiled policy's one re-plan: two denoiser calls
     np.testing.assert_array_equal(actions[1], actions[0])
+
+    # A value that is not a boolean is one clear error naming the key, before anything samples.
+    with pytest.raises(ConfigError, match=r"evaluation.compile='yes': must be true or false"):
+        LDCQPolicy(vae, prior, q, compile="yes")
+    from ldcq.stages.latent_bank import check_bank_settings
+
+    with pytest.raises(ConfigError, match=r"latent_bank.compile='maybe'"):
+        check_bank_settings(2, "ddim", 3, 0, compile="maybe")

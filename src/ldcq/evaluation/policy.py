@@ -56,6 +56,8 @@ class LDCQPolicy:
     ) -> None:
         if precision not in DTYPES:  # Lightning's -true precisions cast weights, not the policy
             raise ConfigError(f"precision={precision!r}: valid values are {list(DTYPES)}")
+        if not isinstance(compile, bool):
+            raise ConfigError(f"evaluation.compile={compile!r}: must be true or false")
         if selector not in SELECTORS:
             raise ConfigError(f"evaluation.selector={selector!r}: valid selectors are {SELECTORS}")
         if num_samples < 1 or replan_every < 1:

@@ -58,8 +58,11 @@ def check_bank_settings(
     sampling_steps: int,
     extra_steps: int,
     batch_size: int | None = None,
+    compile: bool = False,
 ) -> None:
     """The ``latent_bank`` section's values, each named by its pipeline key when wrong."""
+    if not isinstance(compile, bool):
+        raise ConfigError(f"latent_bank.compile={compile!r}: must be true or false")
     check_positive("latent_bank", num_samples=num_samples, sampling_steps=sampling_steps)
     check_positive("latent_bank", allow_zero=True, extra_steps=extra_steps)
     if batch_size is not None:

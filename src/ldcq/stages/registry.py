@@ -128,7 +128,7 @@ def _make_latent_bank(ctx, work: Path) -> ArtifactParts:
     vae, prior = ctx.artifact("skill_vae"), ctx.artifact("diffusion_prior")
     cfg = ctx.stage_cfg("latent_bank")
     sampling = {k: cfg[k] for k in ("num_samples", "sampler", "sampling_steps", "extra_steps")}
-    check_bank_settings(**sampling, batch_size=cfg["batch_size"])
+    check_bank_settings(**sampling, batch_size=cfg["batch_size"], compile=cfg["compile"])
     data_cfg = {**ctx.stage_cfg("latent_bcq")["data"], "prioritized": False}
     try:
         dm = LatentTransitionDataModule(vae_artifact=str(vae.path), bank_path="", **data_cfg)

@@ -37,7 +37,14 @@ from ldcq.precision import resolve as resolve_precision
 from ldcq.process import barrier, global_rank, say
 from ldcq.stages.clock import StageClock
 from ldcq.stages.fit import check_handoff, fit_stage
-from ldcq.stages.registry import REGISTRY, RUN_ONLY_KEYS, STAGES, Built, StageSpec
+from ldcq.stages.registry import (
+    REGISTRY,
+    RUN_ONLY_KEYS,
+    STAGES,
+    Built,
+    StageSpec,
+    check_config,
+)
 from ldcq.tracking import Tracker
 
 # A stage whose trainer.precision is null runs in another stage's precision, not the shared one:
@@ -241,6 +248,7 @@ def run_pipeline(
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
     last = max(STAGES.index(s) for s in wanted)
+    check_config(cfg)
     episodes = load_episodes(cfg.dataset, list(cfg.obs_keys))
     root = Path(cfg.checkpoints_dir) / cfg.name
     root.mkdir(parents=True, exist_ok=True)

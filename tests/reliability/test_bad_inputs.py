@@ -134,7 +134,7 @@ def test_unknown_stage_cli_option_suggests_the_closest(capsys):
     [
         (["skill_vae.model.lr=0"], "skill_vae.model.lr=0: must be > 0"),
         (["skill_vae.model.lr=abc"], "skill_vae.model.lr='abc': must be > 0"),
-        (["horizon=0"], "skill_vae.data.horizon must be >= 1, got 0"),
+        (["horizon=0"], "skill_vae.model.horizon=0: must be > 0"),
         (["skill_vae.data.batch_size=0"], "skill_vae.data.batch_size must be >= 1, got 0"),
         (["skill_vae.trainer.max_steps=-5"], "trainer settings of skill_vae are not valid"),
         (["diffusion_prior.model.num_steps=0"], "diffusion_prior.model.num_steps=0: must be > 0"),
@@ -147,8 +147,8 @@ def test_unknown_stage_cli_option_suggests_the_closest(capsys):
             ["latent_bank.num_samples=3", "latent_bcq.data.batch_size=0"],
             "latent_bcq.data.batch_size=0: must be > 0",
         ),
-        (["latent_bcq.model.gamma=1.5"], "latent_bcq.data.gamma=1.5: must be in (0, 1]"),
-        (["latent_bcq.model.gamma=0"], "latent_bcq.data.gamma=0: must be in (0, 1]"),
+        (["latent_bcq.model.gamma=1.5"], "latent_bcq.model.gamma=1.5: must be in (0, 1]"),
+        (["latent_bcq.model.gamma=0"], "latent_bcq.model.gamma=0: must be in (0, 1]"),
         (["latent_bcq.model.lr=-1"], "latent_bcq.model.lr=-1: must be > 0"),
         (["latent_bcq.model.num_bank_samples=0"], "latent_bcq.model.num_bank_samples=0"),
         (["latent_bcq.model.num_bank_samples=99"], "exceeds the bank's K=4"),
@@ -162,6 +162,29 @@ def test_invalid_values_name_the_key_and_keep_finished_stages(trained, overrides
         run_pipeline(cfg, stages=UP_TO_BCQ, track=False)
     assert message in str(info.value)
     assert _finished(root) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("latent_bank.compile=maybe", "latent_bank.compile='maybe': must be true or false"),
+        ("latent_bank.sampler=ddpx", "latent_bank.sampler='ddpx': valid samplers are"),
+        ("evaluation.compile=1", "evaluation.compile=1: must be true or false"),
+        ("evaluation.selector=best", "evaluation.selector='best': valid selectors are"),
+        ("evaluation.num_samples=0", "evaluation.num_samples=0: must be an integer >= 1"),
+        ("latent_bcq.model.gamma=2", "latent_bcq.model.gamma=2: must be in (0, 1]"),
+    ],
+)
+def test_a_later_stage_value_fails_before_the_first_stage_trains(
+    trained, tmp_path, override, message
+):
+    """A bad value of the bank, Q or evaluation section is refused before the skill VAE trains,
+    not after the stages ahead of it spent their hours."""
+    overrides = [*tiny_overrides(trained), f"checkpoints_dir={tmp_path / 'fresh'}", override]
+    with pytest.raises(ConfigError) as info:
+        run_pipeline(compose(PIPELINE, overrides), track=False)
+    assert message in str(info.value)
+    assert not list((tmp_path / "fresh").glob("**/skill_vae-*"))
 
 
 # --- artifacts ----------------------------------------------------------------------------------

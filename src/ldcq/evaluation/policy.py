@@ -19,6 +19,19 @@ from ldcq.precision import DTYPES, autocast
 SELECTORS = ("q", "prior", "vae-prior")
 
 
+def check_policy_settings(
+    selector: str, num_samples: int, replan_every: int, compile: bool = False
+) -> None:
+    """The ``evaluation`` section's policy values, each named by its pipeline key when wrong."""
+    if not isinstance(compile, bool):
+        raise ConfigError(f"evaluation.compile={compile!r}: must be true or false")
+    if selector not in SELECTORS:
+        raise ConfigError(f"evaluation.selector={selector!r}: valid selectors are {SELECTORS}")
+    for key, value in (("num_samples", num_samples), ("replan_every", replan_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"evaluation.{key}={value!r}: must be an integer >= 1")
+
+
 class LDCQPolicy:
     """``act(states (N, S)) -> actions (N, A)``, re-planning each env every ``replan_every`` steps.
 
@@ -56,15 +69,7 @@ class LDCQPolicy:
     ) -> None:
         if precision not in DTYPES:  # Lightning's -true precisions cast weights, not the policy
             raise ConfigError(f"precision={precision!r}: valid values are {list(DTYPES)}")
-        if not isinstance(compile, bool):
-            raise ConfigError(f"evaluation.compile={compile!r}: must be true or false")
-        if selector not in SELECTORS:
-            raise ConfigError(f"evaluation.selector={selector!r}: valid selectors are {SELECTORS}")
-        if num_samples < 1 or replan_every < 1:
-            raise ConfigError(
-                f"evaluation.num_samples ({num_samples}) and evaluation.replan_every "
-                f"({replan_every}) must be >= 1"
-            )
+        check_policy_settings(selector, num_samples, replan_every, compile)
         if selector in ("q", "prior") and prior is None:
             raise ConfigError(f"evaluation.selector={selector!r} needs the diffusion prior")
         if selector == "q" and q is None:

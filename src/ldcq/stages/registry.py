@@ -25,11 +25,13 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from ldcq.artifacts import ArtifactParts, load_modules
 from ldcq.data.datamodules import TrajectorySnippetDataModule
 from ldcq.errors import ConfigError
+from ldcq.evaluation.policy import check_policy_settings
 from ldcq.evaluation.run import make_evaluation
 from ldcq.stages.diffusion_prior import LatentDiffusionPrior
 from ldcq.stages.latent_bank import check_bank_settings, generate_bank
@@ -71,6 +73,9 @@ class StageSpec:
         every_rank: False when only global rank 0 makes it (the others wait for the artifact).
         identity: what else, beyond its config, seed, dataset and upstream, its output depends
             on (entries of its fingerprint).
+        check: an untrained stage's check of its resolved config section, run by
+            :func:`check_config` before any stage runs (a trained stage's check is building its
+            model); raises one ConfigError naming the key.
     """
 
     name: str
@@ -86,6 +91,7 @@ class StageSpec:
     loss: Callable[[L.LightningModule, dict[str, Tensor]], Tensor] | None = None
     every_rank: bool = True
     identity: Callable[[Any], dict[str, Any]] | None = None
+    check: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def trained(self) -> bool:
@@ -128,7 +134,7 @@ def _make_latent_bank(ctx, work: Path) -> ArtifactParts:
     vae, prior = ctx.artifact("skill_vae"), ctx.artifact("diffusion_prior")
     cfg = ctx.stage_cfg("latent_bank")
     sampling = {k: cfg[k] for k in ("num_samples", "sampler", "sampling_steps", "extra_steps")}
-    check_bank_settings(**sampling, batch_size=cfg["batch_size"], compile=cfg["compile"])
+    _check_bank(cfg)
     data_cfg = {**ctx.stage_cfg("latent_bcq")["data"], "prioritized": False}
     try:
         dm = LatentTransitionDataModule(vae_artifact=str(vae.path), bank_path="", **data_cfg)
@@ -162,6 +168,18 @@ def _make_latent_bank(ctx, work: Path) -> ArtifactParts:
         metrics={"bank/bytes": float(Path(bank_path).stat().st_size)},
         extra_files={"bank.npy": Path(bank_path)},
     )
+
+
+def _check_bank(cfg: dict[str, Any]) -> None:
+    check_bank_settings(
+        **{k: cfg[k] for k in ("num_samples", "sampler", "sampling_steps", "extra_steps")},
+        batch_size=cfg["batch_size"],
+        compile=cfg["compile"],
+    )
+
+
+def _check_evaluation(cfg: dict[str, Any]) -> None:
+    check_policy_settings(cfg["selector"], cfg["num_samples"], cfg["replan_every"], cfg["compile"])
 
 
 # The bank holds samples at latent_bcq's transitions: these latent_bcq.data keys choose them.
@@ -218,6 +236,7 @@ REGISTRY: dict[str, StageSpec] = {
             "K prior samples at every transition's next state, fp16, memory-mapped",
             make=_make_latent_bank,
             identity=_bank_identity,
+            check=_check_bank,
         ),
         StageSpec(
             "latent_bcq",
@@ -239,6 +258,7 @@ REGISTRY: dict[str, StageSpec] = {
             "the policy in the simulator: normalized score, success, pictures",
             make=make_evaluation,
             every_rank=False,
+            check=_check_evaluation,
         ),
     )
 }
@@ -253,3 +273,22 @@ def stage(name: str) -> StageSpec:
     if spec is None:
         raise ConfigError(f"unknown stage {name!r}; the stages are {list(STAGES)}")
     return spec
+
+
+def check_config(cfg) -> None:
+    """Check a composed pipeline config before anything runs: every trained stage's model is
+    built on placeholder dataset dims (S=4, A=2) and every other stage's section is checked, so a
+    value a stage would refuse fails now, in one ConfigError naming the key, and not hours in
+    after the stages before it trained."""
+    dims = {"S": 4, "A": 2, "Z": int(cfg.skill_vae.model.latent_dim), "H": int(cfg.horizon)}
+    for name, spec in REGISTRY.items():
+        section = OmegaConf.to_container(cfg[name], resolve=True)
+        if spec.trained:
+            try:
+                spec.new_model(section["model"], dims)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}.{exc}") from exc
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{name}.model: {exc}") from exc
+        elif spec.check is not None:
+            spec.check(section)

@@ -11,9 +11,7 @@ from omegaconf import OmegaConf
 
 from ldcq.config import _closest, compose, project_root
 from ldcq.errors import ConfigError
-from ldcq.stages.latent_bank import check_bank_settings
-from ldcq.stages.registry import REGISTRY, TRAINED
-from ldcq.sweep.compare import METHODS
+from ldcq.stages.registry import REGISTRY, TRAINED, check_config
 
 # Keys a sweep cannot vary: what names the run and where it goes, and what has its own option.
 FIXED = {
@@ -139,37 +137,11 @@ def check_grid(
         point_overrides = [*overrides, *point_to_overrides(point)]
         try:
             cfg = compose(pipeline, point_overrides, scale=scale)
-            check_buildable(cfg)
+            check_config(cfg)
         except ConfigError as exc:
             where = ", ".join(f"{k}={v!r}" for k, v in point.items())
             raise ConfigError(f"--grid point {where}: {exc}") from exc
     return typed
-
-
-def check_buildable(cfg) -> None:
-    """Build every trained stage's model on placeholder dataset dims (S=4, A=2) and check the
-    bank's and the evaluation's settings: a value a stage refuses fails here, before training."""
-    dims = {"S": 4, "A": 2, "Z": int(cfg.skill_vae.model.latent_dim), "H": int(cfg.horizon)}
-    for name in TRAINED:
-        model_cfg = OmegaConf.to_container(cfg[name].model, resolve=True)
-        try:
-            REGISTRY[name].new_model(model_cfg, dims)
-        except ConfigError as exc:
-            raise ConfigError(f"{name}.{exc}") from exc
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{name}.model: {exc}") from exc
-    bank = cfg.latent_bank
-    check_bank_settings(
-        num_samples=bank.num_samples,
-        sampler=bank.sampler,
-        sampling_steps=bank.sampling_steps,
-        extra_steps=bank.extra_steps,
-        batch_size=bank.batch_size,
-    )
-    if cfg.evaluation.selector not in METHODS:
-        raise ConfigError(
-            f"evaluation.selector={cfg.evaluation.selector!r}: valid selectors are {list(METHODS)}"
-        )
 
 
 def grid_points(typed: dict[str, list[Any]]) -> list[dict[str, Any]]:

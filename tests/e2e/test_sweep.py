@@ -170,6 +170,12 @@ def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
         assert -1.0 <= r["metrics"]["diag/value_distance_corr"] <= 1.0
         # Q's convergence, from the Q stage's q_mean history in MLflow (finite: it was logged)
         assert math.isfinite(r["metrics"]["diag/q_mean_late_change"])
+        assert (
+            0.0
+            <= r["metrics"]["diag/stalled_top_cell_share"]
+            <= r["metrics"]["diag/stalled_share"]
+            <= 1.0
+        )
     summary = data["summary"]
     assert len(summary["rows"]) == 4 and summary["rows"][0]["seeds"] == [0]
     assert "diffusion_prior.model.schedule" in summary["effects"]

@@ -188,6 +188,14 @@ def _stat(metrics: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * m['mean']:.{digits}f}{spread}"
 
 
+def _stalled(metrics: dict) -> str:
+    """The stalled share with, in brackets, the share stalled in the one cell holding most."""
+    if "diag/stalled_share" not in metrics:
+        return "–"
+    top = _stat(metrics, "diag/stalled_top_cell_share", 100.0, 0)
+    return f"{_stat(metrics, 'diag/stalled_share', 100.0, 0)} ({top})"
+
+
 _VERDICTS = {
     True: "larger than the seed-to-seed variation",
     False: "within the seed-to-seed variation",
@@ -201,10 +209,11 @@ def _sweep_table(data: dict) -> list[str]:
     rows, keys = data["summary"]["rows"], list(data["grid"])
     lines = [
         "| " + " | ".join(keys) + " | seeds | LDCQ normalized | BC normalized | LDCQ success % | "
-        "LDCQ first-hit normalized | V vs goal distance (rank corr.) | "
+        "LDCQ first-hit normalized | LDCQ stalled % (in one cell) | "
+        "V vs goal distance (rank corr.) | "
         "q_mean change over Q's last 20 % of steps (%) | "
         "out of support % (diffusion / VAE) | mode coverage (diffusion / VAE) |",
-        "|" + "---|" * (len(keys) + 9),
+        "|" + "---|" * (len(keys) + 10),
     ]
     points = []
     for row in rows:
@@ -221,6 +230,7 @@ def _sweep_table(data: dict) -> list[str]:
             _stat(bc, "eval/normalized_score"),
             _stat(q, "eval/success_rate", 100.0, 0),
             _stat(q, "eval/first_hit_normalized"),
+            _stalled(q),
             _stat(q, "diag/value_distance_corr", 1.0, 2),
             _stat(q, "diag/q_mean_late_change", 100.0),
             f"{_stat(q, 'diag/oos_rate_diffusion', 100.0)} / "
@@ -238,6 +248,7 @@ _DIAGNOSTIC_EFFECTS = (
     ("diag/mode_coverage_diffusion", "the diffusion prior's mode coverage", 1.0, ""),
     ("diag/value_distance_corr", "the rank correlation of V with closeness to the goal", 1.0, ""),
     ("diag/q_mean_late_change", "Q's q_mean change over its last 20 % of steps", 100.0, " %"),
+    ("diag/stalled_share", "LDCQ's share of episodes that stall without success", 100.0, " points"),
 )
 
 

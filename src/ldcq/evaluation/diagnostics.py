@@ -32,6 +32,11 @@ when a neighbour one move closer to the goal has a higher V; the *value-distance
 Spearman's rank correlation of V with minus the maze distance (1: V falls with every move away
 from the goal). A walk that follows the highest neighbour is not measured: within one skill's
 reach of the goal V is flat, and which cell of that plateau tops it is decided by sampling noise.
+
+And one of the rollouts (:func:`stalled_episodes`, mazes): how do the failures fail? An episode
+*stalls* when it ends without success and its last ``window`` steps stay within ``radius`` cells
+of where it ends: the agent keeps choosing a skill that does not move it (pressing into a wall).
+Stalls gathered in one cell point at one place where Q prefers a skill the maze blocks.
 """
 
 from __future__ import annotations
@@ -474,3 +479,33 @@ def value_propagation(
     values[cells[:, 0], cells[:, 1]] = mean.numpy()
     goal = tuple(int(i[0]) for i in cell_of(maze, maze.goal_xy[None]))
     return value_shape(values, maze_distances(maze.walls, goal))
+
+
+def stalled_episodes(
+    positions: np.ndarray,
+    lengths: np.ndarray,
+    success: np.ndarray,
+    maze,
+    window: int = 100,
+    radius: float = 0.1,
+) -> tuple[dict[str, float], tuple[int, int] | None]:
+    """Stalled episodes (see the module docstring) among rollouts with xy ``positions (N, T, 2)``,
+    ``lengths (N,)`` and ``success (N,)``: ``diag/stalled_share`` (of all episodes) and
+    ``diag/stalled_top_cell_share`` (of all episodes, those stalled in the cell holding the most
+    stalls), and that cell (row, col), None when nothing stalled."""
+    stalled_cells = []
+    for xy, length, ok in zip(positions, lengths, success, strict=True):
+        if ok or length < 1:
+            continue
+        last = xy[max(0, int(length) - window) : int(length)]
+        if np.linalg.norm(last - last[-1], axis=1).max() <= radius * maze.scale:
+            rows, cols = cell_of(maze, last[-1:])
+            stalled_cells.append((int(rows[0]), int(cols[0])))
+    n = max(len(positions), 1)
+    metrics = {"diag/stalled_share": len(stalled_cells) / n, "diag/stalled_top_cell_share": 0.0}
+    if not stalled_cells:
+        return metrics, None
+    cells, counts = np.unique(np.array(stalled_cells), axis=0, return_counts=True)
+    top = int(counts.argmax())
+    metrics["diag/stalled_top_cell_share"] = float(counts[top]) / n
+    return metrics, (int(cells[top][0]), int(cells[top][1]))

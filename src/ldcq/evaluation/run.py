@@ -15,7 +15,12 @@ import numpy as np
 from ldcq.artifacts import ArtifactParts, load_modules
 from ldcq.data.datamodules import load_episodes
 from ldcq.evaluation import plots
-from ldcq.evaluation.diagnostics import plot_diagnostics, skill_diagnostics, value_propagation
+from ldcq.evaluation.diagnostics import (
+    plot_diagnostics,
+    skill_diagnostics,
+    stalled_episodes,
+    value_propagation,
+)
 from ldcq.evaluation.policy import LDCQPolicy
 from ldcq.evaluation.rollout import evaluate, evaluation_protocol
 from ldcq.process import say
@@ -58,6 +63,8 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
         found, pictures = _diagnostics(ctx, cfg, modules, maze, work)
         metrics.update(found)
         extra.update(pictures)
+        if maze is not None:
+            metrics.update(_stalls(trajectories, maze))
     if cfg["pictures"]:
         extra.update(_pictures(ctx, work, trajectories, modules, policy, protocol, episodes, maze))
     spec = {
@@ -67,6 +74,20 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
         "ref_scores": list(protocol.ref_scores),
     }
     return ArtifactParts(spec=spec, metrics=metrics, extra_files=extra, logged=None)
+
+
+def _stalls(trajectories, maze) -> dict[str, float]:
+    """The stalled-episode metrics of the rollouts (docs/method.md), the top cell said aloud."""
+    metrics, cell = stalled_episodes(
+        trajectories.positions, trajectories.lengths, trajectories.success, maze
+    )
+    if cell is not None:
+        share, top = metrics["diag/stalled_share"], metrics["diag/stalled_top_cell_share"]
+        say(
+            f"evaluation diagnostics: {share:.0%} of episodes stalled without success, "
+            f"{top:.0%} in cell (row {cell[0]}, col {cell[1]})"
+        )
+    return metrics
 
 
 def _diagnostics(ctx, cfg, modules, maze, work: Path) -> tuple[dict[str, float], dict[str, Path]]:

@@ -20,6 +20,8 @@ DIAGNOSTICS = (
     "diag/value_ascent_share",
     "diag/value_distance_corr",
     "diag/q_mean_late_change",
+    "diag/stalled_share",
+    "diag/stalled_top_cell_share",
 )
 
 

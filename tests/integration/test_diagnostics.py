@@ -270,23 +270,25 @@ def test_value_propagation_measures_the_q_at_every_free_cell_centre_against_the_
 
 
 def test_stalled_episodes_are_failures_that_stop_moving_counted_by_cell():
-    maze = MazeLayout(np.zeros((4, 6), dtype=bool), 2.0, np.zeros(2), {})
+    maze = MazeLayout(np.zeros((4, 6), dtype=bool), 2.0, np.zeros(2), {})  # 2 xy units a cell
     t = np.arange(300.0)[:, None]
-    walking = np.concatenate([0.01 * t - 5.0, np.zeros_like(t)], axis=1)  # never stops
-    pinned = np.where(t < 150, 0.02 * t - 5.0, 0.02 * 150 - 5.0) * np.array([1.0, 0.0])
-    jitter = pinned + 0.1 * np.sin(t) * np.array([0.0, 1.0])  # moves < 0.1 cells (0.2 in xy)
-    positions = np.stack([walking, pinned, jitter, pinned, pinned + np.array([4.0, 2.0])])
-    lengths = np.array([300, 300, 300, 300, 120])
-    success = np.array([False, False, False, True, False])
+    walking = np.concatenate([0.03 * t - 5.0, np.zeros_like(t)], axis=1)  # never stops
+    # walks to the centre of cell (row 1, col 1), (-3, 1), and stays there
+    pinned = np.concatenate([np.minimum(0.02 * t - 5.0, -3.0), np.ones_like(t)], axis=1)
+    jitter = pinned + 0.09 * np.sin(t) * np.array([0.0, 1.0])  # within 0.1 cells of its end
+    short = np.full((300, 2), np.nan)  # 50 steps standing at (row 2, col 4)'s centre, then padding
+    short[:50] = [3.0, -1.0]
+    positions = np.stack([walking, pinned, jitter, pinned, short])
+    lengths = np.array([300, 300, 300, 300, 50])
+    success = np.array([False, False, False, True, False])  # the 4th reached the goal once
     metrics, cell = diag.stalled_episodes(positions, lengths, success, maze)
-    # the pinned and jittering failures stall in one cell; the successful one and the walker
-    # do not; the short episode is judged on its own 120 steps, in which it still moves
-    assert metrics == {"diag/stalled_share": 0.4, "diag/stalled_top_cell_share": 0.4}
-    rows, cols = diag.cell_of(maze, pinned[-1:])
-    assert cell == (int(rows[0]), int(cols[0]))
-    lengths[4] = 300  # now it ends stopped too, in another cell
-    metrics, _ = diag.stalled_episodes(positions, lengths, success, maze)
     assert metrics == {"diag/stalled_share": 0.6, "diag/stalled_top_cell_share": 0.4}
-    none, no_cell = diag.stalled_episodes(positions[:1], lengths[:1], success[:1], maze)
+    assert cell == (1, 1)
+    # wider jitter than 0.1 cells (0.2 in xy) is still moving
+    positions[2] = pinned + 0.3 * np.sin(t) * np.array([0.0, 1.0])
+    metrics, _ = diag.stalled_episodes(positions, lengths, success, maze)
+    assert metrics == {"diag/stalled_share": 0.4, "diag/stalled_top_cell_share": 0.2}
+    empty = np.zeros((0, 300, 2))
+    none, no_cell = diag.stalled_episodes(empty, np.zeros(0), np.zeros(0, dtype=bool), maze)
     assert none == {"diag/stalled_share": 0.0, "diag/stalled_top_cell_share": 0.0}
     assert no_cell is None

@@ -151,7 +151,7 @@ def test_unknown_stage_cli_option_suggests_the_closest(capsys):
         (["latent_bcq.model.gamma=0"], "latent_bcq.model.gamma=0: must be in (0, 1]"),
         (["latent_bcq.model.lr=-1"], "latent_bcq.model.lr=-1: must be > 0"),
         (["latent_bcq.model.num_bank_samples=0"], "latent_bcq.model.num_bank_samples=0"),
-        (["latent_bcq.model.num_bank_samples=99"], "exceeds the bank's K=4"),
+        (["latent_bcq.model.num_bank_samples=99"], "exceeds latent_bank.num_samples=4"),
     ],
 )
 def test_invalid_values_name_the_key_and_keep_finished_stages(trained, overrides, message):
@@ -173,6 +173,14 @@ def test_invalid_values_name_the_key_and_keep_finished_stages(trained, overrides
         ("evaluation.selector=best", "evaluation.selector='best': valid selectors are"),
         ("evaluation.num_samples=0", "evaluation.num_samples=0: must be an integer >= 1"),
         ("latent_bcq.model.gamma=2", "latent_bcq.model.gamma=2: must be in (0, 1]"),
+        ("latent_bcq.model.compile=yes please", "latent_bcq.model.compile='yes please': must be"),
+        ("latent_bcq.handoff=best", "latent_bcq.handoff=best: the Q stage has no validation"),
+        ("latent_bcq.model.num_bank_samples=99", "num_bank_samples=99 exceeds latent_bank."),
+        ("skill_vae.model.latent_dim=abc", "skill_vae.model.latent_dim='abc': must be > 0"),
+        ("skill_vae.model.policy=rnn", "skill_vae.model.policy='rnn': valid values are"),
+        ("evaluation.goal=random", "evaluation.goal='random': valid values are"),
+        ("evaluation.sampler=euler", "evaluation.sampler='euler': valid samplers are"),
+        ("evaluation.episodes=0", "evaluation.episodes=0: must be > 0"),
     ],
 )
 def test_a_later_stage_value_fails_before_the_first_stage_trains(

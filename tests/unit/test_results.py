@@ -179,9 +179,8 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
             metrics["diag/value_distance_corr"] = 0.8 if h == 10 else 0.9
             metrics["diag/mode_coverage_diffusion"] = 0.75  # a key downstream of the prior
             metrics["diag/q_mean_late_change"] = 0.03 if h == 10 else 0.01
-            if h == 20:  # stalls only measured at H=20 (as an older file lacks them)
-                metrics["diag/stalled_share"] = 0.1 + 0.01 * seed
-                metrics["diag/stalled_top_cell_share"] = 0.05
+            metrics["diag/stalled_share"] = 0.02 if h == 10 else 0.1 + 0.01 * seed
+            metrics["diag/stalled_top_cell_share"] = 0.01 if h == 10 else 0.05
         return {"point": {"horizon": h}, "seed": seed, "selector": selector, "metrics": metrics}
 
     # H=20 beats H=10 by 30 points with a seed std of 1: an effect beyond the seed noise.
@@ -211,13 +210,18 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
     path.write_text(json.dumps(data))
     text = results.findings([path], tmp_path)
     assert (
-        "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 41.0 ± 1.0 | – | 0.80 ± 0.00 "
+        "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 41.0 ± 1.0 | 2 ± 0 (1 ± 0) | 0.80 ± 0.00 "
         "| 3.0 ± 0.0 | 2.0 ± 0.0 / 20.0 ± 0.0 | 0.75 ± 0.00 / – |" in text
     )
     assert (
         "| 20 | 0, 1, 2 | 71.0 ± 1.0 | 31.0 ± 1.0 | 50 ± 0 | 71.0 ± 1.0 | 11 ± 1 (5 ± 0) |" in text
     )
     assert "q_mean change over its last 20 % of steps is highest at 10 and lowest at 20" in text
+    assert (
+        "LDCQ's share of episodes that stall without success is highest at 20 and lowest at 10, "
+        "+9.00 points apart (seed std 0.71): larger than the seed-to-seed variation" in text
+    )
+    assert results._stalled({}) == "–"  # a file from before the stall diagnostic
     assert (
         "correlation of V with closeness to the goal is highest at 20 and lowest at 10, +0.10"
         in text

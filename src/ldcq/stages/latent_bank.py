@@ -59,16 +59,18 @@ def check_bank_settings(
     extra_steps: int,
     batch_size: int | None = None,
     compile: bool = False,
+    section: str = "latent_bank",
 ) -> None:
-    """The ``latent_bank`` section's values, each named by its pipeline key when wrong."""
+    """The sampling values of the ``latent_bank`` section (or of ``section``, which samples the
+    same way), each named by its pipeline key when wrong."""
     if not isinstance(compile, bool):
-        raise ConfigError(f"latent_bank.compile={compile!r}: must be true or false")
-    check_positive("latent_bank", num_samples=num_samples, sampling_steps=sampling_steps)
-    check_positive("latent_bank", allow_zero=True, extra_steps=extra_steps)
+        raise ConfigError(f"{section}.compile={compile!r}: must be true or false")
+    check_positive(section, num_samples=num_samples, sampling_steps=sampling_steps)
+    check_positive(section, allow_zero=True, extra_steps=extra_steps)
     if batch_size is not None:
-        check_positive("latent_bank", batch_size=batch_size)
+        check_positive(section, batch_size=batch_size)
     if sampler not in SAMPLERS:
-        raise ConfigError(f"latent_bank.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
+        raise ConfigError(f"{section}.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
 
 
 class PriorSampler(L.LightningModule):

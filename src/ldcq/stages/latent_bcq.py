@@ -107,6 +107,8 @@ class LatentBCQ(L.LightningModule):
             raise ConfigError(f"model.tau={tau!r}: must be in (0, 1]")
         if num_bank_samples is not None:
             check_positive("model", num_bank_samples=num_bank_samples)
+        if not isinstance(compile, bool):
+            raise ConfigError(f"model.compile={compile!r}: must be true or false")
         self.save_hyperparameters()
         self.q = TwinQ(state_dim, latent_dim, hidden_dim, latent_hidden)
         self.target_q = copy.deepcopy(self.q).requires_grad_(False)

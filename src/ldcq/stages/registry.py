@@ -30,10 +30,13 @@ from torch import Tensor
 
 from ldcq.artifacts import ArtifactParts, load_modules
 from ldcq.data.datamodules import TrajectorySnippetDataModule
+from ldcq.data.pointmaze import GOAL_PROTOCOLS
 from ldcq.errors import ConfigError
 from ldcq.evaluation.policy import check_policy_settings
 from ldcq.evaluation.run import make_evaluation
+from ldcq.stages.common import check_positive
 from ldcq.stages.diffusion_prior import LatentDiffusionPrior
+from ldcq.stages.fit import check_handoff
 from ldcq.stages.latent_bank import check_bank_settings, generate_bank
 from ldcq.stages.latent_bcq import LatentBCQ
 from ldcq.stages.latent_data import LatentPairsDataModule, LatentTransitionDataModule
@@ -180,6 +183,16 @@ def _check_bank(cfg: dict[str, Any]) -> None:
 
 def _check_evaluation(cfg: dict[str, Any]) -> None:
     check_policy_settings(cfg["selector"], cfg["num_samples"], cfg["replan_every"], cfg["compile"])
+    check_positive("evaluation", episodes=cfg["episodes"], num_envs=cfg["num_envs"])
+    if cfg["goal"] not in GOAL_PROTOCOLS:
+        raise ConfigError(
+            f"evaluation.goal={cfg['goal']!r}: valid values are {list(GOAL_PROTOCOLS)}"
+        )
+    given = {k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")}
+    if any(v is not None for v in given.values()):  # null: the prior's own, checked with it
+        defaults = {"sampler": "ddim", "sampling_steps": 1, "extra_steps": 0}
+        settings = {k: defaults[k] if v is None else v for k, v in given.items()}
+        check_bank_settings(num_samples=1, **settings, section="evaluation")
 
 
 # The bank holds samples at latent_bcq's transitions: these latent_bcq.data keys choose them.
@@ -276,19 +289,31 @@ def stage(name: str) -> StageSpec:
 
 
 def check_config(cfg) -> None:
-    """Check a composed pipeline config before anything runs: every trained stage's model is
-    built on placeholder dataset dims (S=4, A=2) and every other stage's section is checked, so a
-    value a stage would refuse fails now, in one ConfigError naming the key, and not hours in
-    after the stages before it trained."""
-    dims = {"S": 4, "A": 2, "Z": int(cfg.skill_vae.model.latent_dim), "H": int(cfg.horizon)}
+    """Check a composed pipeline config before anything runs, so that a value a later stage
+    would refuse is one ConfigError naming the key now, not after the stages before it trained:
+    every trained stage's model is built from its ``model`` section on placeholder dataset dims
+    (S=4, A=2; Z and H from the built skill VAE) and its ``handoff`` checked, every other stage's
+    section goes through its spec's ``check``, and the Q stage's ``num_bank_samples`` is checked
+    against the bank's K. What depends on the dataset (the data sections) is checked when each
+    DataModule is built."""
+    dims = {"S": 4, "A": 2}
     for name, spec in REGISTRY.items():
         section = OmegaConf.to_container(cfg[name], resolve=True)
         if spec.trained:
+            check_handoff(name, section.get("handoff", "last"))
             try:
-                spec.new_model(section["model"], dims)
+                model = spec.new_model(section["model"], dims)
             except ConfigError as exc:
                 raise ConfigError(f"{name}.{exc}") from exc
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, KeyError) as exc:
                 raise ConfigError(f"{name}.model: {exc}") from exc
+            if name == "skill_vae":
+                dims |= {"Z": model.hparams.latent_dim, "H": model.hparams.horizon}
         elif spec.check is not None:
             spec.check(section)
+    k, wanted = cfg.latent_bank.num_samples, cfg.latent_bcq.model.num_bank_samples
+    if wanted is not None and wanted > k:
+        raise ConfigError(
+            f"latent_bcq.model.num_bank_samples={wanted} exceeds latent_bank.num_samples={k}: "
+            f"lower it or raise latent_bank.num_samples"
+        )

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ldcq.data.normalizer import Normalizer
+from ldcq.errors import ConfigError
 from ldcq.models import (
     AutoregressivePolicy,
     GaussianPrior,
@@ -74,10 +75,12 @@ class SkillVAE(L.LightningModule):
             lr=lr,
         )
         check_positive("model", allow_zero=True, beta=beta, weight_decay=weight_decay)
+        policies = {"autoregressive": AutoregressivePolicy, "mlp": MLPPolicy}
+        if policy not in policies:
+            raise ConfigError(f"model.policy={policy!r}: valid values are {list(policies)}")
         self.save_hyperparameters()
         self.encoder = GRUEncoder(state_dim, action_dim, latent_dim, hidden_dim, gru_layers)
-        policy_cls = {"autoregressive": AutoregressivePolicy, "mlp": MLPPolicy}[policy]
-        self.policy = policy_cls(state_dim, action_dim, latent_dim, hidden_dim)
+        self.policy = policies[policy](state_dim, action_dim, latent_dim, hidden_dim)
         self.state_decoder = (
             StateDecoder(state_dim, latent_dim, hidden_dim) if state_decoder else None
         )

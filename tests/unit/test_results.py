@@ -227,6 +227,10 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
         in text
     )
     assert "the diffusion prior's mode coverage is the same at every value." in text
+    assert "LDCQ's success rate is the same at every value." in text
+    assert (
+        "LDCQ's first-hit normalized score is highest at 20 and lowest at 10, +30.00 apart" in text
+    )
     assert "best at 20 and worst at 10, +30.0 apart (seed std 1.0): larger than the seed" in text
     assert (
         "out-of-support rate is highest at 20 and lowest at 10, +9.00 points apart "

@@ -242,8 +242,11 @@ def _sweep_table(data: dict) -> list[str]:
     return lines
 
 
-# Diagnostics whose effect each finding states beside the score's: (metric, words, scale, unit).
+# The other scores and the diagnostics whose effect each finding states beside the normalized
+# score's: (metric, words, scale, unit).
 _DIAGNOSTIC_EFFECTS = (
+    ("eval/success_rate", "LDCQ's success rate", 100.0, " points"),
+    ("eval/first_hit_normalized", "LDCQ's first-hit normalized score", 1.0, ""),
     ("diag/oos_rate_diffusion", "the diffusion prior's out-of-support rate", 100.0, " points"),
     ("diag/mode_coverage_diffusion", "the diffusion prior's mode coverage", 1.0, ""),
     ("diag/value_distance_corr", "the rank correlation of V with closeness to the goal", 1.0, ""),
@@ -278,7 +281,8 @@ def _effect_lines(data: dict) -> list[str]:
 
 
 def _diagnostic_effect_lines(rows: list[dict], key: str, keys: list[str]) -> list[str]:
-    """The same test on the diagnostics (computed from the rows, so older files get it too)."""
+    """The same test on the other scores and the diagnostics (computed from the rows, so older
+    files get it too)."""
     lines = []
     for metric, words, scale, unit in _DIAGNOSTIC_EFFECTS:
         for g in effect(rows, key, keys, metric)["groups"]:

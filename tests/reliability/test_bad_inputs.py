@@ -180,6 +180,7 @@ def test_invalid_values_name_the_key_and_keep_finished_stages(trained, overrides
         ("skill_vae.model.policy=rnn", "skill_vae.model.policy='rnn': valid values are"),
         ("evaluation.goal=random", "evaluation.goal='random': valid values are"),
         ("evaluation.sampler=euler", "evaluation.sampler='euler': valid samplers are"),
+        ("evaluation.sampling_steps=0", "evaluation.sampling_steps=0: must be > 0"),
         ("evaluation.episodes=0", "evaluation.episodes=0: must be > 0"),
     ],
 )

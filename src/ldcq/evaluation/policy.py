@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ldcq.errors import ConfigError
 from ldcq.precision import DTYPES, autocast
+from ldcq.stages.common import check_flags
 
 SELECTORS = ("q", "prior", "vae-prior")
 
@@ -23,8 +24,7 @@ def check_policy_settings(
     selector: str, num_samples: int, replan_every: int, compile: bool = False
 ) -> None:
     """The ``evaluation`` section's policy values, each named by its pipeline key when wrong."""
-    if not isinstance(compile, bool):
-        raise ConfigError(f"evaluation.compile={compile!r}: must be true or false")
+    check_flags("evaluation", compile=compile)
     if selector not in SELECTORS:
         raise ConfigError(f"evaluation.selector={selector!r}: valid selectors are {SELECTORS}")
     for key, value in (("num_samples", num_samples), ("replan_every", replan_every)):

@@ -25,6 +25,15 @@ def check_positive(section: str, allow_zero: bool = False, **values: float) -> N
         raise ConfigError(f"{listed}: must be {need}")
 
 
+def check_flags(section: str, **values: object) -> None:
+    """Raise one :class:`ConfigError` naming every key whose value is not a boolean (a string
+    such as ``"false"`` is truthy, so it must not pass for one)."""
+    bad = {k: v for k, v in values.items() if not isinstance(v, bool)}
+    if bad:
+        listed = ", ".join(f"{section}.{k}={v!r}" for k, v in bad.items())
+        raise ConfigError(f"{listed}: must be true or false")
+
+
 def fit_normalizer_from_datamodule(module: L.LightningModule, normalizer: Normalizer, name: str):
     """Copy statistics the DataModule computed on its training split into ``normalizer``.
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldcq.artifacts import ArtifactError, atomic_path, atomic_write_text
 from ldcq.errors import ConfigError
 from ldcq.models import SAMPLERS
-from ldcq.stages.common import check_positive
+from ldcq.stages.common import check_flags, check_positive
 
 BANK_FILE = "bank.npy"
 META_FILE = "bank.json"
@@ -52,6 +52,22 @@ def block_seed(seed: int, first_index: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def check_sampler_settings(
+    section: str,
+    sampler: str | None = None,
+    sampling_steps: int | None = None,
+    extra_steps: int | None = None,
+) -> None:
+    """How ``section`` samples the prior, each value named by its pipeline key when wrong; a
+    None is not checked (the evaluation's null means "the prior's own", checked with the prior)."""
+    if sampling_steps is not None:
+        check_positive(section, sampling_steps=sampling_steps)
+    if extra_steps is not None:
+        check_positive(section, allow_zero=True, extra_steps=extra_steps)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ConfigError(f"{section}.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
+
+
 def check_bank_settings(
     num_samples: int,
     sampler: str,
@@ -59,18 +75,13 @@ def check_bank_settings(
     extra_steps: int,
     batch_size: int | None = None,
     compile: bool = False,
-    section: str = "latent_bank",
 ) -> None:
-    """The sampling values of the ``latent_bank`` section (or of ``section``, which samples the
-    same way), each named by its pipeline key when wrong."""
-    if not isinstance(compile, bool):
-        raise ConfigError(f"{section}.compile={compile!r}: must be true or false")
-    check_positive(section, num_samples=num_samples, sampling_steps=sampling_steps)
-    check_positive(section, allow_zero=True, extra_steps=extra_steps)
+    """The values of the ``latent_bank`` section, each named by its pipeline key when wrong."""
+    check_flags("latent_bank", compile=compile)
+    check_positive("latent_bank", num_samples=num_samples)
     if batch_size is not None:
-        check_positive(section, batch_size=batch_size)
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"{section}.sampler={sampler!r}: valid samplers are {list(SAMPLERS)}")
+        check_positive("latent_bank", batch_size=batch_size)
+    check_sampler_settings("latent_bank", sampler, sampling_steps, extra_steps)
 
 
 class PriorSampler(L.LightningModule):

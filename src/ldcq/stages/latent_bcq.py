@@ -22,7 +22,12 @@ from ldcq.data.normalizer import Normalizer
 from ldcq.errors import ConfigError
 from ldcq.models import TwinQ
 from ldcq.models.compiled import CompiledOrEager
-from ldcq.stages.common import check_positive, fit_normalizer_from_datamodule, training_noise
+from ldcq.stages.common import (
+    check_flags,
+    check_positive,
+    fit_normalizer_from_datamodule,
+    training_noise,
+)
 
 
 def q_target(
@@ -107,8 +112,7 @@ class LatentBCQ(L.LightningModule):
             raise ConfigError(f"model.tau={tau!r}: must be in (0, 1]")
         if num_bank_samples is not None:
             check_positive("model", num_bank_samples=num_bank_samples)
-        if not isinstance(compile, bool):
-            raise ConfigError(f"model.compile={compile!r}: must be true or false")
+        check_flags("model", compile=compile)
         self.save_hyperparameters()
         self.q = TwinQ(state_dim, latent_dim, hidden_dim, latent_hidden)
         self.target_q = copy.deepcopy(self.q).requires_grad_(False)

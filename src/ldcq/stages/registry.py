@@ -37,7 +37,7 @@ from ldcq.evaluation.run import make_evaluation
 from ldcq.stages.common import check_positive
 from ldcq.stages.diffusion_prior import LatentDiffusionPrior
 from ldcq.stages.fit import check_handoff
-from ldcq.stages.latent_bank import check_bank_settings, generate_bank
+from ldcq.stages.latent_bank import check_bank_settings, check_sampler_settings, generate_bank
 from ldcq.stages.latent_bcq import LatentBCQ
 from ldcq.stages.latent_data import LatentPairsDataModule, LatentTransitionDataModule
 from ldcq.stages.skill_vae import SkillVAE
@@ -188,11 +188,9 @@ def _check_evaluation(cfg: dict[str, Any]) -> None:
         raise ConfigError(
             f"evaluation.goal={cfg['goal']!r}: valid values are {list(GOAL_PROTOCOLS)}"
         )
-    given = {k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")}
-    if any(v is not None for v in given.values()):  # null: the prior's own, checked with it
-        defaults = {"sampler": "ddim", "sampling_steps": 1, "extra_steps": 0}
-        settings = {k: defaults[k] if v is None else v for k, v in given.items()}
-        check_bank_settings(num_samples=1, **settings, section="evaluation")
+    check_sampler_settings(
+        "evaluation", **{k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")}
+    )
 
 
 # The bank holds samples at latent_bcq's transitions: these latent_bcq.data keys choose them.

@@ -115,6 +115,7 @@ def test_pipeline_trains_then_skips_everything(tiny_maze, tmp_path):
     # ... and its evaluation carries the skill diagnostics, as metrics and a picture.
     diagnosed = changed["evaluation"].artifact
     assert 0.0 <= diagnosed.metrics["diag/oos_rate_diffusion"] <= 1.0
+    assert 0.0 <= diagnosed.metrics["diag/pick_oos_rate"] <= 1.0
     assert (diagnosed.path / "diagnostics.png").stat().st_size > 0
     _check_tracked_runs(tmp_path)
 

@@ -166,6 +166,7 @@ def test_a_sweep_shares_upstream_stages_compares_and_skips_what_it_recorded(
     # Every run carries its diagnostics; BC's evaluation shares LDCQ's trained stages.
     for r in runs:
         assert 0.0 <= r["metrics"]["diag/oos_rate_diffusion"] <= 1.0
+        assert 0.0 <= r["metrics"]["diag/pick_oos_rate"] <= 1.0
         assert "diag/recon_mse" in r["metrics"] and r["git_sha"] and r["command"]
         assert -1.0 <= r["metrics"]["diag/value_distance_corr"] <= 1.0
         # Q's convergence, from the Q stage's q_mean history in MLflow (finite: it was logged)

@@ -93,13 +93,70 @@ def test_samples_on_the_data_are_in_support_and_far_ones_are_not(dataset, vae):
     with torch.no_grad():
         for shift, rate in ((0.0, pytest.approx(0.01, abs=0.011)), (100.0, 1.0)):
             prior = _EchoPrior(z_held, shift)
-            metrics, arrays, tau = diag.out_of_support(vae, prior, held, ref, 4, 8, gen)
+            metrics, arrays, reference = diag.out_of_support(vae, prior, held, ref, 4, 8, gen)
             assert metrics["diag/oos_rate_diffusion"] == rate
-            assert tau == metrics["diag/support_threshold"] > 0
+            assert reference.tau == metrics["diag/support_threshold"] > 0
     # The held-out data latents are beyond τ in about 1 % of cases, by construction.
     data = arrays["held-out data"]
-    assert (data > tau).mean() <= 0.01 + 1 / len(data)
+    assert (data > reference.tau).mean() <= 0.01 + 1 / len(data)
     assert arrays["VAE prior"].shape == (len(z_held) * 4,)
+
+
+class _OneFarPrior:
+    """A stand-in prior that, at each state, samples the data latent of the nearest of
+    ``states`` K - 1 times (in support) and once shifted far away (out of support)."""
+
+    def __init__(self, states, latents):
+        self.states, self.latents = states, latents
+
+    def sample(self, states, k, generator=None):
+        z = self.latents[torch.cdist(states, self.states).argmin(dim=1)]
+        samples = z[:, None].repeat(1, k, 1)
+        samples[:, 0] += 100.0
+        return samples
+
+
+class _NormQ:
+    """A stand-in Q that values a latent by its norm (``sign`` +1: the far one is best)."""
+
+    def __init__(self, sign):
+        self.sign = sign
+
+    def score(self, states, latents):
+        return self.sign * latents.norm(dim=-1)
+
+
+def test_the_support_of_q_s_pick_is_measured_where_it_picks(dataset, vae):
+    from ldcq.data.datamodules import TrajectorySnippetDataModule
+
+    dm = TrajectorySnippetDataModule(**_data_cfg(dataset))
+    dm.setup()
+    held = dm.val_set.__getitems__(np.arange(len(dm.val_set)))
+    ref = dm.train_set.__getitems__(np.arange(len(dm.train_set)))
+    gen = torch.Generator().manual_seed(0)
+    k = 4
+    with torch.no_grad():
+        z_held = vae.encode(held["states"], held["actions"])[0]
+        _, _, reference = diag.out_of_support(vae, _EchoPrior(z_held, 0.0), held, ref, k, 8, gen)
+        states = held["states"][:, 0]
+        inside = reference.distances(vae, states, z_held[:, None])[:, 0] <= reference.tau
+        stalls = states[inside][:3]  # states whose own data latent is in support
+        prior = _OneFarPrior(states, z_held)
+        greedy = diag.choice_support(vae, prior, _NormQ(1.0), reference, stalls, num_samples=k)
+        modest = diag.choice_support(vae, prior, _NormQ(-1.0), reference, stalls, num_samples=k)
+        no_stalls = diag.choice_support(vae, prior, _NormQ(1.0), reference, num_samples=k)
+    # A Q that prefers the far latent picks out of support everywhere, one sample in K being so.
+    assert greedy == {
+        "diag/pick_oos_rate": 1.0,
+        "diag/stalled_pick_oos_share": 1.0,
+        "diag/stalled_sample_oos_rate": 1 / k,
+    }
+    # One that prefers the data latent picks out of support only where the data latent itself is
+    # beyond τ (about 1 % of held-out latents by construction), and never at the chosen stalls.
+    assert modest["diag/pick_oos_rate"] == pytest.approx(float((~inside).float().mean()))
+    assert modest["diag/pick_oos_rate"] <= 0.01 + 1 / len(states)
+    assert modest["diag/stalled_pick_oos_share"] == 0.0
+    assert no_stalls == {"diag/pick_oos_rate": 1.0}  # without stalls, the held-out states only
 
 
 def test_reconstruction_is_relative_to_the_action_variance(dataset, vae):

@@ -181,6 +181,8 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
             metrics["diag/q_mean_late_change"] = 0.03 if h == 10 else 0.01
             metrics["diag/stalled_share"] = 0.02 if h == 10 else 0.1 + 0.01 * seed
             metrics["diag/stalled_top_cell_share"] = 0.01 if h == 10 else 0.05
+            if h == 20:  # measured at H=20 only, as in a file from before Q's pick was measured
+                metrics |= {"diag/pick_oos_rate": 0.3, "diag/stalled_pick_oos_share": 0.8}
         return {"point": {"horizon": h}, "seed": seed, "selector": selector, "metrics": metrics}
 
     # H=20 beats H=10 by 30 points with a seed std of 1: an effect beyond the seed noise.
@@ -210,12 +212,14 @@ def test_findings_are_rendered_from_the_sweep_files(tmp_path):
     path.write_text(json.dumps(data))
     text = results.findings([path], tmp_path)
     assert (
-        "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 41.0 ± 1.0 | 2 ± 0 (1 ± 0) | 0.80 ± 0.00 "
-        "| 3.0 ± 0.0 | 2.0 ± 0.0 / 20.0 ± 0.0 | 0.75 ± 0.00 / – |" in text
+        "| 10 | 0, 1, 2 | 41.0 ± 1.0 | 1.0 ± 1.0 | 50 ± 0 | 41.0 ± 1.0 | 2 ± 0 (1 ± 0; –) | "
+        "0.80 ± 0.00 | 3.0 ± 0.0 | 2.0 ± 0.0 / 20.0 ± 0.0 / – | 0.75 ± 0.00 / – |" in text
     )
     assert (
-        "| 20 | 0, 1, 2 | 71.0 ± 1.0 | 31.0 ± 1.0 | 50 ± 0 | 71.0 ± 1.0 | 11 ± 1 (5 ± 0) |" in text
+        "| 20 | 0, 1, 2 | 71.0 ± 1.0 | 31.0 ± 1.0 | 50 ± 0 | 71.0 ± 1.0 | 11 ± 1 (5 ± 0; 80 ± 0) |"
+        in text
     )
+    assert "| 11.0 ± 1.0 / 20.0 ± 0.0 / 30.0 ± 0.0 |" in text
     assert "q_mean change over its last 20 % of steps is highest at 10 and lowest at 20" in text
     assert (
         "LDCQ's share of episodes that stall without success is highest at 20 and lowest at 10, "

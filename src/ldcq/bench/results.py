@@ -189,11 +189,13 @@ def _stat(metrics: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def _stalled(metrics: dict) -> str:
-    """The stalled share with, in brackets, the share stalled in the one cell holding most."""
+    """The stalled share with, in brackets, the share stalled in the one cell holding most and
+    the share of stalls where Q's pick is out of support."""
     if "diag/stalled_share" not in metrics:
         return "–"
     top = _stat(metrics, "diag/stalled_top_cell_share", 100.0, 0)
-    return f"{_stat(metrics, 'diag/stalled_share', 100.0, 0)} ({top})"
+    pick = _stat(metrics, "diag/stalled_pick_oos_share", 100.0, 0)
+    return f"{_stat(metrics, 'diag/stalled_share', 100.0, 0)} ({top}; {pick})"
 
 
 _VERDICTS = {
@@ -209,10 +211,10 @@ def _sweep_table(data: dict) -> list[str]:
     rows, keys = data["summary"]["rows"], list(data["grid"])
     lines = [
         "| " + " | ".join(keys) + " | seeds | LDCQ normalized | BC normalized | LDCQ success % | "
-        "LDCQ first-hit normalized | LDCQ stalled % (in one cell) | "
+        "LDCQ first-hit normalized | LDCQ stalled % (in one cell; Q's pick there out of support %) | "
         "V vs goal distance (rank corr.) | "
         "q_mean change over Q's last 20 % of steps (%) | "
-        "out of support % (diffusion / VAE) | mode coverage (diffusion / VAE) |",
+        "out of support % (diffusion / VAE / Q's pick) | mode coverage (diffusion / VAE) |",
         "|" + "---|" * (len(keys) + 10),
     ]
     points = []
@@ -234,7 +236,8 @@ def _sweep_table(data: dict) -> list[str]:
             _stat(q, "diag/value_distance_corr", 1.0, 2),
             _stat(q, "diag/q_mean_late_change", 100.0),
             f"{_stat(q, 'diag/oos_rate_diffusion', 100.0)} / "
-            f"{_stat(q, 'diag/oos_rate_vae_prior', 100.0)}",
+            f"{_stat(q, 'diag/oos_rate_vae_prior', 100.0)} / "
+            f"{_stat(q, 'diag/pick_oos_rate', 100.0)}",
             f"{_stat(q, 'diag/mode_coverage_diffusion', 1.0, 2)} / "
             f"{_stat(q, 'diag/mode_coverage_vae_prior', 1.0, 2)}",
         ]

@@ -37,6 +37,13 @@ And one of the rollouts (:func:`stalled_episodes`, mazes): how do the failures f
 *stalls* when it ends without success and its last ``window`` steps stay within ``radius`` cells
 of where it ends: the agent keeps choosing a skill that does not move it (pressing into a wall).
 Stalls gathered in one cell point at one place where Q prefers a skill the maze blocks.
+
+And one of the choices Q makes (:func:`pick_support`, mazes with stalls; also at the held-out
+states): is the latent Q picks among K prior samples inside the data's support, by the
+out-of-support rate's own distance and τ? At the held-out start states (the rate of Q's picks
+against the rate of all samples: does Q prefer unsupported latents?) and at the stalled episodes'
+end points, standing still (is the skill a stalled agent keeps choosing one the data never took
+there?).
 """
 
 from __future__ import annotations
@@ -64,6 +71,26 @@ class DiagnosticsResult:
     threshold: float = float("nan")
     junctions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    reference: SupportReference | None = None  # what the support distance measures against
+
+
+@dataclass
+class SupportReference:
+    """The training windows a sample's support distance is measured against: their start states
+    in the VAE's normalized space ``(N, S)``, their encoded latents ``(N, Z)``, the number of
+    nearest windows that count, τ, and the held-out start states ``(M, S)`` τ was measured at."""
+
+    states: Tensor
+    latents: Tensor
+    neighbours: int
+    tau: float
+    held_states: Tensor
+
+    def distances(self, vae, states: Tensor, candidates: Tensor) -> Tensor:
+        """Support distances of ``candidates (M, K, Z)`` at raw ``states (M, S)`` -> (M, K)."""
+        dist = torch.cdist(vae.state_normalizer(states), self.states)
+        near = dist.topk(min(self.neighbours, len(self.states)), dim=1, largest=False).indices
+        return support_distances(candidates, self.latents, near)
 
 
 def _encode(vae, states: Tensor, actions: Tensor) -> Tensor:
@@ -113,20 +140,24 @@ def out_of_support(
     num_samples: int,
     neighbours: int,
     generator: torch.Generator,
-) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
+) -> tuple[dict[str, float], dict[str, np.ndarray], SupportReference]:
     """The out-of-support rates of the diffusion prior's and the VAE prior's samples at the
-    held-out start states (see the module docstring); also the distances and τ."""
-    z_ref = _encode(vae, ref["states"], ref["actions"])
+    held-out start states (see the module docstring); also the distances and the reference
+    (with τ) they were measured against."""
+    s_held = held["states"][:, 0]
+    reference = SupportReference(
+        states=vae.state_normalizer(ref["states"][:, 0]),
+        latents=_encode(vae, ref["states"], ref["actions"]),
+        neighbours=neighbours,
+        tau=float("nan"),
+        held_states=s_held,
+    )
     z_held = _encode(vae, held["states"], held["actions"])
-    s_held, s_ref = held["states"][:, 0], ref["states"][:, 0]
-    n = min(neighbours, len(z_ref))
-    dist = torch.cdist(vae.state_normalizer(s_held), vae.state_normalizer(s_ref))
-    near = dist.topk(n, dim=1, largest=False).indices
-    data = support_distances(z_held[:, None], z_ref, near)[:, 0]
-    tau = float(torch.quantile(data, 0.99))
+    data = reference.distances(vae, s_held, z_held[:, None])[:, 0]
+    reference.tau = tau = float(torch.quantile(data, 0.99))
     samples = _prior_samples(vae, prior, s_held, num_samples, generator)
-    d_diff = support_distances(samples["diffusion prior"], z_ref, near)
-    d_vae = support_distances(samples["VAE prior"], z_ref, near)
+    d_diff = reference.distances(vae, s_held, samples["diffusion prior"])
+    d_vae = reference.distances(vae, s_held, samples["VAE prior"])
     metrics = {
         "diag/oos_rate_diffusion": float((d_diff > tau).float().mean()),
         "diag/oos_rate_vae_prior": float((d_vae > tau).float().mean()),
@@ -137,7 +168,53 @@ def out_of_support(
         "diffusion prior": d_diff.flatten().numpy(),
         "VAE prior": d_vae.flatten().numpy(),
     }
-    return metrics, arrays, tau
+    return metrics, arrays, reference
+
+
+@torch.no_grad()
+def pick_support(
+    vae, prior, q, states: Tensor, reference: SupportReference, num_samples: int, generator
+) -> tuple[float, float]:
+    """At each raw state of ``states (M, S)``: K prior samples, Q's pick among them (the argmax of
+    min(Q1, Q2), as the policy picks); the share of the M picks out of support and the share of
+    all M·K samples out of support (``prior`` samples with the policy's settings)."""
+    picked, sampled = [], []
+    for chunk in states.split(_ROWS // 8):
+        latents = prior.sample(chunk, num_samples, generator)
+        out = reference.distances(vae, chunk, latents) > reference.tau
+        best = q.score(chunk, latents).argmax(dim=1)
+        picked.append(out[torch.arange(len(chunk)), best])
+        sampled.append(out.flatten())
+    return float(torch.cat(picked).float().mean()), float(torch.cat(sampled).float().mean())
+
+
+@torch.no_grad()
+def choice_support(
+    vae,
+    prior,
+    q,
+    reference: SupportReference,
+    stall_states: Tensor | None = None,
+    num_samples: int = 50,
+    seed: int = 0,
+    sampling: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """:func:`pick_support` at the held-out start states τ was measured at
+    (``diag/pick_oos_rate``, beside ``diag/oos_rate_diffusion`` of all samples) and, given raw
+    ``stall_states (M, S)``, at the stalls (``diag/stalled_pick_oos_share``,
+    ``diag/stalled_sample_oos_rate``); ``sampling`` as in :func:`skill_diagnostics`."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = _Sampling(prior, sampling or {})
+    held = reference.held_states
+    picked, _ = pick_support(vae, sampler, q, held, reference, num_samples, generator)
+    metrics = {"diag/pick_oos_rate": picked}
+    if stall_states is not None and len(stall_states):
+        picked, sampled = pick_support(
+            vae, sampler, q, stall_states, reference, num_samples, generator
+        )
+        metrics["diag/stalled_pick_oos_share"] = picked
+        metrics["diag/stalled_sample_oos_rate"] = sampled
+    return metrics
 
 
 def cell_of(maze, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,9 +359,10 @@ def skill_diagnostics(
     held = val.__getitems__(rng.choice(len(val), min(held_out, len(val)), replace=False))
     result.metrics.update(reconstruction(vae, held["states"], held["actions"]))
     prior = _Sampling(prior, sampling or {})
-    metrics, result.support, result.threshold = out_of_support(
+    metrics, result.support, result.reference = out_of_support(
         vae, prior, held, ref, num_samples, neighbours, generator
     )
+    result.threshold = result.reference.tau
     result.metrics.update(metrics)
     if maze is None:
         result.notes.append("not a maze: mode coverage skipped")
@@ -481,6 +559,26 @@ def value_propagation(
     return value_shape(values, maze_distances(maze.walls, goal))
 
 
+def stall_points(
+    positions: np.ndarray,
+    lengths: np.ndarray,
+    success: np.ndarray,
+    maze,
+    window: int = 100,
+    radius: float = 0.1,
+) -> np.ndarray:
+    """Where each stalled episode (see the module docstring) ends, xy ``(M, 2)``, among rollouts
+    with xy ``positions (N, T, 2)``, ``lengths (N,)`` and ``success (N,)``."""
+    ends = []
+    for xy, length, ok in zip(positions, lengths, success, strict=True):
+        if ok or length < 1:
+            continue
+        last = xy[max(0, int(length) - window) : int(length)]
+        if np.linalg.norm(last - last[-1], axis=1).max() <= radius * maze.scale:
+            ends.append(last[-1])
+    return np.array(ends, dtype=float).reshape(-1, 2)
+
+
 def stalled_episodes(
     positions: np.ndarray,
     lengths: np.ndarray,
@@ -489,23 +587,16 @@ def stalled_episodes(
     window: int = 100,
     radius: float = 0.1,
 ) -> tuple[dict[str, float], tuple[int, int] | None]:
-    """Stalled episodes (see the module docstring) among rollouts with xy ``positions (N, T, 2)``,
-    ``lengths (N,)`` and ``success (N,)``: ``diag/stalled_share`` (of all episodes) and
+    """Stalled episodes (see :func:`stall_points`): ``diag/stalled_share`` (of all episodes) and
     ``diag/stalled_top_cell_share`` (of all episodes, those stalled in the cell holding the most
     stalls), and that cell (row, col), None when nothing stalled."""
-    stalled_cells = []
-    for xy, length, ok in zip(positions, lengths, success, strict=True):
-        if ok or length < 1:
-            continue
-        last = xy[max(0, int(length) - window) : int(length)]
-        if np.linalg.norm(last - last[-1], axis=1).max() <= radius * maze.scale:
-            rows, cols = cell_of(maze, last[-1:])
-            stalled_cells.append((int(rows[0]), int(cols[0])))
+    ends = stall_points(positions, lengths, success, maze, window, radius)
     n = max(len(positions), 1)
-    metrics = {"diag/stalled_share": len(stalled_cells) / n, "diag/stalled_top_cell_share": 0.0}
-    if not stalled_cells:
+    metrics = {"diag/stalled_share": len(ends) / n, "diag/stalled_top_cell_share": 0.0}
+    if not len(ends):
         return metrics, None
-    cells, counts = np.unique(np.array(stalled_cells), axis=0, return_counts=True)
+    rows, cols = cell_of(maze, ends)
+    cells, counts = np.unique(np.stack([rows, cols], axis=1), axis=0, return_counts=True)
     top = int(counts.argmax())
     metrics["diag/stalled_top_cell_share"] = float(counts[top]) / n
     return metrics, (int(cells[top][0]), int(cells[top][1]))

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ldcq.artifacts import ArtifactParts, load_modules
 from ldcq.data.datamodules import load_episodes
 from ldcq.evaluation import plots
 from ldcq.evaluation.diagnostics import (
+    choice_support,
     plot_diagnostics,
     skill_diagnostics,
+    stall_points,
     stalled_episodes,
     value_propagation,
 )
@@ -60,11 +63,9 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     extra = {"rollouts.npz": work / "rollouts.npz"}
     maze = _maze(protocol, cfg["seed"]) if cfg["pictures"] or cfg["diagnostics"] else None
     if cfg["diagnostics"]:
-        found, pictures = _diagnostics(ctx, cfg, modules, maze, work)
+        found, pictures = _diagnostics(ctx, cfg, modules, maze, work, trajectories)
         metrics.update(found)
         extra.update(pictures)
-        if maze is not None:
-            metrics.update(_stalls(trajectories, maze))
     if cfg["pictures"]:
         extra.update(_pictures(ctx, work, trajectories, modules, policy, protocol, episodes, maze))
     spec = {
@@ -90,11 +91,15 @@ def _stalls(trajectories, maze) -> dict[str, float]:
     return metrics
 
 
-def _diagnostics(ctx, cfg, modules, maze, work: Path) -> tuple[dict[str, float], dict[str, Path]]:
-    """The skill diagnostics and, on a maze, the value propagation (docs/method.md): their
-    metrics and, with pictures on, ``diagnostics.png``."""
+def _diagnostics(
+    ctx, cfg, modules, maze, work: Path, trajectories
+) -> tuple[dict[str, float], dict[str, Path]]:
+    """The skill diagnostics, the support of Q's picks and, on a maze, the value propagation and
+    the stalled episodes (docs/method.md): their metrics and, with pictures on,
+    ``diagnostics.png``."""
     sampling = {k: cfg[k] for k in ("sampler", "sampling_steps", "extra_steps")}
     prior_data = ctx.stage_cfg("diffusion_prior")["data"]
+    obs_keys = list(ctx.cfg.obs_keys)
     result = skill_diagnostics(
         modules["skill_vae"],
         modules["diffusion_prior"],
@@ -110,12 +115,13 @@ def _diagnostics(ctx, cfg, modules, maze, work: Path) -> tuple[dict[str, float],
         say(f"evaluation diagnostics: {note}")
     if cfg["pictures"] and result.support:
         extra["diagnostics.png"] = plot_diagnostics(result, maze, work / "diagnostics.png")
+    stall_states = None
     if maze is not None:
         values = value_propagation(
             modules["diffusion_prior"],
             modules["latent_bcq"],
             maze,
-            list(ctx.cfg.obs_keys),
+            obs_keys,
             num_samples=cfg["num_samples"],
             seed=cfg["seed"],
             sampling=sampling,
@@ -123,6 +129,25 @@ def _diagnostics(ctx, cfg, modules, maze, work: Path) -> tuple[dict[str, float],
         metrics.update(values)
         if not values:
             say("evaluation diagnostics: the state holds no position: value propagation skipped")
+        metrics.update(_stalls(trajectories, maze))
+        ends = stall_points(
+            trajectories.positions, trajectories.lengths, trajectories.success, maze
+        )
+        if len(ends) and values:  # values: the state holds the position
+            stall_states = torch.as_tensor(maze.states_at(ends, obs_keys))
+    if result.reference is not None:
+        metrics.update(
+            choice_support(
+                modules["skill_vae"],
+                modules["diffusion_prior"],
+                modules["latent_bcq"],
+                result.reference,
+                stall_states,
+                num_samples=cfg["num_samples"],
+                seed=cfg["seed"],
+                sampling=sampling,
+            )
+        )
     metrics.update(q_convergence(ctx))
     return metrics, extra
 

@@ -22,6 +22,9 @@ DIAGNOSTICS = (
     "diag/q_mean_late_change",
     "diag/stalled_share",
     "diag/stalled_top_cell_share",
+    "diag/pick_oos_rate",
+    "diag/stalled_pick_oos_share",
+    "diag/stalled_sample_oos_rate",
 )
 
 

@@ -338,14 +338,19 @@ def test_stalled_episodes_are_failures_that_stop_moving_counted_by_cell():
     positions = np.stack([walking, pinned, jitter, pinned, short])
     lengths = np.array([300, 300, 300, 300, 50])
     success = np.array([False, False, False, True, False])  # the 4th reached the goal once
-    metrics, cell = diag.stalled_episodes(positions, lengths, success, maze)
+    ends = diag.stall_points(positions, lengths, success, maze)
+    assert ends.tolist() == [[-3.0, 1.0], [-3.0, 1.0 + 0.09 * np.sin(299.0)], [3.0, -1.0]]
+    metrics, cell = diag.stalled_episodes(ends, len(positions), maze)
     assert metrics == {"diag/stalled_share": 0.6, "diag/stalled_top_cell_share": 0.4}
     assert cell == (1, 1)
     # wider jitter than 0.1 cells (0.2 in xy) is still moving
     positions[2] = pinned + 0.3 * np.sin(t) * np.array([0.0, 1.0])
-    metrics, _ = diag.stalled_episodes(positions, lengths, success, maze)
+    stalls = diag.stall_points(positions, lengths, success, maze)
+    metrics, _ = diag.stalled_episodes(stalls, len(positions), maze)
     assert metrics == {"diag/stalled_share": 0.4, "diag/stalled_top_cell_share": 0.2}
     empty = np.zeros((0, 300, 2))
-    none, no_cell = diag.stalled_episodes(empty, np.zeros(0), np.zeros(0, dtype=bool), maze)
+    no_ends = diag.stall_points(empty, np.zeros(0), np.zeros(0, dtype=bool), maze)
+    assert no_ends.shape == (0, 2)
+    none, no_cell = diag.stalled_episodes(no_ends, 0, maze)
     assert none == {"diag/stalled_share": 0.0, "diag/stalled_top_cell_share": 0.0}
     assert no_cell is None

@@ -33,7 +33,7 @@ Spearman's rank correlation of V with minus the maze distance (1: V falls with e
 from the goal). A walk that follows the highest neighbour is not measured: within one skill's
 reach of the goal V is flat, and which cell of that plateau tops it is decided by sampling noise.
 
-And one of the rollouts (:func:`stalled_episodes`, mazes): how do the failures fail? An episode
+And one of the rollouts (:func:`stall_points`, :func:`stalled_episodes`, mazes): how do the failures fail? An episode
 *stalls* when it ends without success and its last ``window`` steps stay within ``radius`` cells
 of where it ends: the agent keeps choosing a skill that does not move it (pressing into a wall).
 Stalls gathered in one cell point at one place where Q prefers a skill the maze blocks.
@@ -580,18 +580,13 @@ def stall_points(
 
 
 def stalled_episodes(
-    positions: np.ndarray,
-    lengths: np.ndarray,
-    success: np.ndarray,
-    maze,
-    window: int = 100,
-    radius: float = 0.1,
+    ends: np.ndarray, episodes: int, maze
 ) -> tuple[dict[str, float], tuple[int, int] | None]:
-    """Stalled episodes (see :func:`stall_points`): ``diag/stalled_share`` (of all episodes) and
-    ``diag/stalled_top_cell_share`` (of all episodes, those stalled in the cell holding the most
-    stalls), and that cell (row, col), None when nothing stalled."""
-    ends = stall_points(positions, lengths, success, maze, window, radius)
-    n = max(len(positions), 1)
+    """The stalled episodes' end points ``ends (M, 2)`` (:func:`stall_points`) among
+    ``episodes``: ``diag/stalled_share`` (of all episodes) and ``diag/stalled_top_cell_share`` (of
+    all episodes, those stalled in the cell holding the most stalls), and that cell (row, col),
+    None when nothing stalled."""
+    n = max(episodes, 1)
     metrics = {"diag/stalled_share": len(ends) / n, "diag/stalled_top_cell_share": 0.0}
     if not len(ends):
         return metrics, None

@@ -77,11 +77,9 @@ def make_evaluation(ctx, work: Path) -> ArtifactParts:
     return ArtifactParts(spec=spec, metrics=metrics, extra_files=extra, logged=None)
 
 
-def _stalls(trajectories, maze) -> dict[str, float]:
+def _stalls(ends: np.ndarray, episodes: int, maze) -> dict[str, float]:
     """The stalled-episode metrics of the rollouts (docs/method.md), the top cell said aloud."""
-    metrics, cell = stalled_episodes(
-        trajectories.positions, trajectories.lengths, trajectories.success, maze
-    )
+    metrics, cell = stalled_episodes(ends, episodes, maze)
     if cell is not None:
         share, top = metrics["diag/stalled_share"], metrics["diag/stalled_top_cell_share"]
         say(
@@ -129,10 +127,10 @@ def _diagnostics(
         metrics.update(values)
         if not values:
             say("evaluation diagnostics: the state holds no position: value propagation skipped")
-        metrics.update(_stalls(trajectories, maze))
         ends = stall_points(
             trajectories.positions, trajectories.lengths, trajectories.success, maze
         )
+        metrics.update(_stalls(ends, len(trajectories.positions), maze))
         if len(ends) and values:  # values: the state holds the position
             stall_states = torch.as_tensor(maze.states_at(ends, obs_keys))
     if result.reference is not None:

@@ -86,6 +86,44 @@ def test_the_table_is_mean_and_std_over_seeds_per_method_and_config(tmp_path):
     assert results.render(readme, text) == f"intro\n{results.BEGIN}\n{text}\n{results.END}\nrest\n"
 
 
+def test_the_targets_table_states_each_target_met_or_missed_by_how_much(tmp_path):
+    def rec(name, scale, runs):
+        path = tmp_path / f"{name}-{scale}.json"
+        for run in runs:
+            record(path, {"pipeline": name, "scale": scale}, run)
+        return path
+
+    def q(seed, score, success, first_hit, config="abc123"):
+        run = _run(seed, "q", score, config=config)
+        run["metrics"] |= {"eval/success_rate": success, "eval/first_hit_normalized": first_hit}
+        return run
+
+    large = rec(
+        "pointmaze-large",
+        "cpu",
+        [
+            q(0, 40.0, 0.8, 90.0),
+            q(1, 60.0, 0.9, 110.0),
+            q(0, 99.0, 1.0, 120.0, config="option"),  # one seed of an option: not the main config
+            _run(0, "vae-prior", 25.0),
+            _run(1, "vae-prior", 35.0),
+        ],
+    )
+    umaze = rec("pointmaze-umaze", "cpu", [q(0, 70.0, 1.0, 105.0), _run(0, "vae-prior", -3.0)])
+    quick = rec("pointmaze-medium", "quick", [q(0, 10.0, 0.1, 5.0)])
+    text = results.targets([large, umaze, quick])
+    assert (
+        "| pointmaze-large (cpu) | 0, 1 | 85 ± 7: missed by 5 | 100.0 ± 14.1: met "
+        "| 50.0 vs 60.0: missed by 10.0 | – |" in text
+    )
+    assert (
+        "| pointmaze-umaze (cpu) | 0 | 100: met | 105.0: met | 70.0 vs -6.0: met "
+        "| 70.0 vs 80: missed by 10.0 |" in text
+    )
+    assert "pointmaze-medium" not in text  # the targets are the cpu scale's
+    assert results.targets([quick]) == ""
+
+
 def test_the_readme_table_is_generated_from_the_committed_results(monkeypatch):
     # `make results` was run after the last results file changed: the README says what they say.
     monkeypatch.chdir(REPO)

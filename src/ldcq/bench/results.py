@@ -120,18 +120,92 @@ def table(files: Sequence[Path]) -> str:
     return "\n".join(lines + notes)
 
 
+def _main_runs(data: dict, selector: str) -> list[dict]:
+    """The selector's runs in the config most of its seeds ran (the default; an option tried
+    on one seed is not the main result)."""
+    mine = [r for r in data["runs"] if r["selector"] == selector]
+    if not mine:
+        return []
+    hashes = [r["config_hash"] for r in mine]
+    common = max(dict.fromkeys(hashes), key=hashes.count)
+    return [r for r in mine if r["config_hash"] == common]
+
+
 def _picture_runs(data: dict) -> dict[str, dict]:
-    """Seed 0's run per selector, in the config most seeds of that selector ran (the default;
-    an option tried on one seed is not pictured)."""
+    """Seed 0's run per selector, in its main config (:func:`_main_runs`)."""
     chosen = {}
     for selector in dict.fromkeys(r["selector"] for r in data["runs"]):
-        mine = [r for r in data["runs"] if r["selector"] == selector]
-        hashes = [r["config_hash"] for r in mine]
-        common = max(dict.fromkeys(hashes), key=hashes.count)
-        seed0 = [r for r in mine if r["config_hash"] == common and r["seed"] == PICTURE_SEED]
+        seed0 = [r for r in _main_runs(data, selector) if r["seed"] == PICTURE_SEED]
         if seed0:
             chosen[selector] = seed0[0]
     return chosen
+
+
+# The maze targets LDCQ is measured against at the cpu scale (docs/method.md, Targets):
+# (column, metric, threshold, scale, digits); the normalized score's own threshold is umaze's.
+TARGET_SCALE = "cpu"
+TARGETS = (
+    ("success % ≥ 90", "eval/success_rate", 0.9, 100.0, 0),
+    ("first-hit normalized ≥ 100", "eval/first_hit_normalized", 100.0, 1.0, 1),
+)
+NORMALIZED_TARGET = {"pointmaze-umaze": 80.0}
+BC_FACTOR = 2.0
+
+
+def _verdict(value: float, target: float, scale: float, digits: int) -> str:
+    if value >= target:
+        return "met"
+    return f"missed by {scale * (target - value):.{digits}f}"
+
+
+def targets(files: Sequence[Path]) -> str:
+    """The table of LDCQ's mean over its main config's seeds against each target, per maze
+    results file at :data:`TARGET_SCALE`; empty when there is none."""
+    head = [
+        "| task (scale) | seeds | "
+        + " | ".join(name for name, *_ in TARGETS)
+        + f" | normalized ≥ {BC_FACTOR:g}× BC's | normalized ≥ the task's target |",
+        "|---|---|" + "---|" * (len(TARGETS) + 2),
+    ]
+    lines = []
+    for path in sorted(files):
+        data = json.loads(path.read_text())
+        if data.get("scale") != TARGET_SCALE or not data["pipeline"].startswith("pointmaze-"):
+            continue
+        q, bc = _main_runs(data, "q"), _main_runs(data, "vae-prior")
+        if not q:
+            continue
+        cells = [", ".join(str(r["seed"]) for r in sorted(q, key=lambda r: r["seed"]))]
+        for _, key, target, scale, digits in TARGETS:
+            mean = float(np.mean([r["metrics"][key] for r in q]))
+            cells.append(
+                f"{_pm([r['metrics'][key] for r in q], digits, scale)}: "
+                f"{_verdict(mean, target, scale, digits)}"
+            )
+        score = float(np.mean([r["metrics"]["eval/normalized_score"] for r in q]))
+        if bc:
+            base = BC_FACTOR * float(np.mean([r["metrics"]["eval/normalized_score"] for r in bc]))
+            cells.append(f"{score:.1f} vs {base:.1f}: {_verdict(score, base, 1.0, 1)}")
+        else:
+            cells.append("no BC run")
+        own = NORMALIZED_TARGET.get(data["pipeline"])
+        cells.append(
+            "–" if own is None else f"{score:.1f} vs {own:g}: {_verdict(score, own, 1, 1)}"
+        )
+        lines.append(f"| {data['pipeline']} ({data['scale']}) | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "",
+            "Targets (LDCQ, mean over the seeds of its main config above; the noise-free controller "
+            "scores 100 first-hit):",
+            "",
+            *head,
+            *lines,
+        ]
+    )
 
 
 def picture_name(stem: str, selector: str, file: str) -> str:
@@ -390,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     img_dir = readme.parent / "docs" / "img"
     if not args.check:
         copy_pictures(files, img_dir)
-    block = table(files) + pictures(files, img_dir, readme.parent)
+    block = table(files) + targets(files) + pictures(files, img_dir, readme.parent)
     text = render(readme.read_text(), block)
     sweeps = sorted((Path(args.results_dir) / "sweeps").glob("*.json"))
     if FINDINGS_BEGIN in text:

@@ -33,17 +33,17 @@ Spearman's rank correlation of V with minus the maze distance (1: V falls with e
 from the goal). A walk that follows the highest neighbour is not measured: within one skill's
 reach of the goal V is flat, and which cell of that plateau tops it is decided by sampling noise.
 
-And one of the rollouts (:func:`stall_points`, :func:`stalled_episodes`, mazes): how do the failures fail? An episode
-*stalls* when it ends without success and its last ``window`` steps stay within ``radius`` cells
-of where it ends: the agent keeps choosing a skill that does not move it (pressing into a wall).
-Stalls gathered in one cell point at one place where Q prefers a skill the maze blocks.
+And one of the rollouts (:func:`stall_points`, :func:`stalled_episodes`, mazes): how do the
+failures fail? An episode *stalls* when it ends without success and its last ``window`` steps
+stay within ``radius`` cells of where it ends: the agent keeps choosing a skill that does not
+move it (pressing into a wall). Stalls gathered in one cell point at one place where Q prefers a
+skill the maze blocks.
 
-And one of the choices Q makes (:func:`pick_support`, mazes with stalls; also at the held-out
-states): is the latent Q picks among K prior samples inside the data's support, by the
-out-of-support rate's own distance and τ? At the held-out start states (the rate of Q's picks
-against the rate of all samples: does Q prefer unsupported latents?) and at the stalled episodes'
-end points, standing still (is the skill a stalled agent keeps choosing one the data never took
-there?).
+And one of Q's choices (:func:`choice_support`): is the latent Q picks among K prior samples
+inside the data's support, by the out-of-support rate's own distance and τ? At the held-out start
+states (the rate of Q's picks against the rate of all samples: does Q prefer unsupported
+latents?) and, on a maze, at the stalled episodes' end points, standing still (is the skill a
+stalled agent keeps choosing one the data never took from there?).
 """
 
 from __future__ import annotations

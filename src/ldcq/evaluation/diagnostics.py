@@ -68,10 +68,14 @@ _ROWS = 2048  # windows per encoder call
 class DiagnosticsResult:
     metrics: dict[str, float]
     support: dict[str, np.ndarray] = field(default_factory=dict)  # support distances by source
-    threshold: float = float("nan")
     junctions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     reference: SupportReference | None = None  # what the support distance measures against
+
+    @property
+    def threshold(self) -> float:
+        """τ of the out-of-support rate (NaN when it was not measured)."""
+        return float("nan") if self.reference is None else self.reference.tau
 
 
 @dataclass
@@ -362,7 +366,6 @@ def skill_diagnostics(
     metrics, result.support, result.reference = out_of_support(
         vae, prior, held, ref, num_samples, neighbours, generator
     )
-    result.threshold = result.reference.tau
     result.metrics.update(metrics)
     if maze is None:
         result.notes.append("not a maze: mode coverage skipped")
